@@ -1,0 +1,178 @@
+/* points--0.1.sql: the ledger's schema and its SQL API */
+
+\echo Use "CREATE EXTENSION points" to load this file. \quit
+
+/*
+ * The transaction as the API returns it.  The ledger tables below have the
+ * same columns in the same order, less "replayed".
+ */
+CREATE TYPE points.tx AS (
+    tx_id           bigint,
+    user_id         bigint,
+    user_seq        bigint,
+    kind            text,
+    amount          bigint,
+    balance_after   bigint,
+    idempotency_key text,
+    cancels_tx      bigint,
+    reason          text,
+    metadata        jsonb,
+    created_at      timestamptz,
+    replayed        boolean
+);
+
+/* tx_id = points.node_id * 2^40 + nextval */
+CREATE SEQUENCE points.tx_seq MINVALUE 1 MAXVALUE 1099511627775 NO CYCLE;
+
+/*
+ * One row per user.  balance is the sum of the remaining points of the
+ * user's lots, including lots past expires_at that the expiry job has not
+ * yet expired; points.balance() subtracts those.
+ */
+CREATE TABLE points.account (
+    user_id     bigint PRIMARY KEY,
+    balance     bigint NOT NULL CHECK (balance >= 0),
+    last_seq    bigint NOT NULL CHECK (last_seq >= 0),
+    created_at  timestamptz NOT NULL,
+    updated_at  timestamptz NOT NULL
+) WITH (fillfactor = 80);
+
+/* One row per earn: lot_id is the earn's tx_id. */
+CREATE TABLE points.lot (
+    lot_id      bigint PRIMARY KEY,
+    user_id     bigint NOT NULL,
+    amount      bigint NOT NULL CHECK (amount > 0),
+    remaining   bigint NOT NULL CHECK (remaining >= 0 AND remaining <= amount),
+    expires_at  timestamptz NOT NULL
+) WITH (fillfactor = 80);
+/* a user's lots with points left, in use order */
+CREATE INDEX lot_user_idx ON points.lot (user_id, expires_at, lot_id) WHERE remaining > 0;
+/* lots with points left, soonest expiry first: the expiry job's queue */
+CREATE INDEX lot_due_idx ON points.lot (expires_at) WHERE remaining > 0;
+
+/* How much each use took from each lot, and how much cancels gave back. */
+CREATE TABLE points.use_lot (
+    use_tx      bigint NOT NULL,
+    lot_id      bigint NOT NULL,
+    taken       bigint NOT NULL CHECK (taken > 0),
+    restored    bigint NOT NULL DEFAULT 0 CHECK (restored >= 0 AND restored <= taken),
+    PRIMARY KEY (use_tx, lot_id)
+);
+
+/* The live ledger: immutable rows, moved to ledger_archive when old. */
+CREATE TABLE points.ledger (
+    tx_id           bigint PRIMARY KEY,
+    user_id         bigint NOT NULL,
+    user_seq        bigint NOT NULL,
+    kind            text NOT NULL CHECK (kind IN ('earn', 'use', 'earn_cancel', 'use_cancel', 'expire')),
+    amount          bigint NOT NULL,
+    balance_after   bigint NOT NULL CHECK (balance_after >= 0),
+    idempotency_key text,
+    cancels_tx      bigint,
+    reason          text,
+    metadata        jsonb,
+    created_at      timestamptz NOT NULL,
+    UNIQUE (user_id, user_seq)
+);
+CREATE UNIQUE INDEX ledger_key_idx ON points.ledger (user_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX ledger_cancels_idx ON points.ledger (cancels_tx) WHERE cancels_tx IS NOT NULL;
+/* cheap to keep up on an append-only table; finds archivable rows */
+CREATE INDEX ledger_created_brin ON points.ledger USING brin (created_at);
+
+CREATE TABLE points.ledger_archive (
+    tx_id           bigint PRIMARY KEY,
+    user_id         bigint NOT NULL,
+    user_seq        bigint NOT NULL,
+    kind            text NOT NULL,
+    amount          bigint NOT NULL,
+    balance_after   bigint NOT NULL,
+    idempotency_key text,
+    cancels_tx      bigint,
+    reason          text,
+    metadata        jsonb,
+    created_at      timestamptz NOT NULL,
+    UNIQUE (user_id, user_seq)
+);
+CREATE UNIQUE INDEX ledger_archive_key_idx ON points.ledger_archive (user_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX ledger_archive_cancels_idx ON points.ledger_archive (cancels_tx)
+    WHERE cancels_tx IS NOT NULL;
+
+/*
+ * Transactional outbox, with Debezium's outbox column names: id is the
+ * event_id (the tx_id), aggregateid the message key, payload the value.
+ */
+CREATE TABLE points.outbox (
+    id              bigint PRIMARY KEY,
+    aggregatetype   text NOT NULL DEFAULT 'points.account',
+    aggregateid     text NOT NULL,
+    type            text NOT NULL,
+    payload         jsonb NOT NULL,
+    created_at      timestamptz NOT NULL
+);
+
+/* ---- the SQL API: C functions, SECURITY DEFINER, fixed search_path ---- */
+
+CREATE FUNCTION points.earn(user_id bigint, amount bigint,
+                            idempotency_key text DEFAULT NULL,
+                            expires_at timestamptz DEFAULT NULL,
+                            reason text DEFAULT NULL,
+                            metadata jsonb DEFAULT NULL)
+RETURNS points.tx
+AS 'MODULE_PATHNAME', 'points_earn'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION points.use(user_id bigint, amount bigint,
+                           idempotency_key text DEFAULT NULL,
+                           reason text DEFAULT NULL,
+                           metadata jsonb DEFAULT NULL)
+RETURNS points.tx
+AS 'MODULE_PATHNAME', 'points_use'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION points.cancel(tx_id bigint, amount bigint DEFAULT NULL,
+                              idempotency_key text DEFAULT NULL,
+                              reason text DEFAULT NULL)
+RETURNS points.tx
+AS 'MODULE_PATHNAME', 'points_cancel'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION points.balance(user_id bigint)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'points_balance'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION points.history(user_id bigint, before_seq bigint DEFAULT NULL,
+                               max_rows int DEFAULT 50)
+RETURNS SETOF points.tx
+AS 'MODULE_PATHNAME', 'points_history'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+ROWS 50;
+
+CREATE FUNCTION points.expiring(user_id bigint, within interval DEFAULT '30 days')
+RETURNS TABLE(lot_id bigint, remaining bigint, expires_at timestamptz)
+AS 'MODULE_PATHNAME', 'points_expiring'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+ROWS 10;
+
+CREATE FUNCTION points.expire_due(max_lots int DEFAULT 10000)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'points_expire_due'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION points.archive(max_rows int DEFAULT 100000)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'points_archive'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION points.verify(user_id bigint DEFAULT NULL)
+RETURNS TABLE(user_id bigint, balance bigint, lots_remaining bigint, ledger_sum bigint)
+AS 'MODULE_PATHNAME', 'points_verify'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+/* Nothing for PUBLIC: the README shows the GRANTs for app and operator roles. */
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA points FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA points FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA points FROM PUBLIC;
+REVOKE ALL ON TYPE points.tx FROM PUBLIC;

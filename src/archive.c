@@ -1,0 +1,61 @@
+/*-------------------------------------------------------------------------
+ *
+ * archive.c
+ *	  points.archive: move ledger rows older than points.archive_after from
+ *	  points.ledger to points.ledger_archive.
+ *
+ * Ledger rows are immutable and no API call locks them, so moving them
+ * takes no user lock and never blocks earn or use.  Each row moves in one
+ * statement (DELETE ... RETURNING feeding INSERT), so every reader sees it
+ * in exactly one of the two tables; history, verify, cancel and the
+ * idempotency check read both.  Concurrent archive calls skip each other's
+ * rows (SKIP LOCKED).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "utils/timestamp.h"
+
+#include "points.h"
+
+PG_FUNCTION_INFO_V1(points_archive);
+
+static SPIPlanPtr plan_archive;
+
+/*
+ * points_archive
+ *		points.archive(max_rows): archive at most max_rows old ledger rows;
+ *		returns how many were moved.
+ */
+Datum
+points_archive(PG_FUNCTION_ARGS)
+{
+	int32		max_rows = PointsArgPositiveInt32(fcinfo, 0, "max_rows");
+	TimestampTz cutoff = PointsTimestampPlusSeconds(GetCurrentTimestamp(),
+													-(int64) points_archive_after);
+	static const Oid types[2] = {TIMESTAMPTZOID, INT4OID};
+	Datum		values[2];
+	uint64		moved;
+
+	values[0] = TimestampTzGetDatum(cutoff);
+	values[1] = Int32GetDatum(max_rows);
+	SPI_connect();
+	PointsPlan(&plan_archive,
+			   "WITH m AS ("
+			   "  DELETE FROM points.ledger g WHERE g.tx_id IN ("
+			   "    SELECT tx_id FROM points.ledger WHERE created_at < $1"
+			   "    LIMIT $2 FOR UPDATE SKIP LOCKED)"
+			   "  RETURNING g.*)"
+			   " INSERT INTO points.ledger_archive"
+			   " (tx_id, user_id, user_seq, kind, amount, balance_after,"
+			   "  idempotency_key, cancels_tx, reason, metadata, created_at)"
+			   " SELECT tx_id, user_id, user_seq, kind, amount, balance_after,"
+			   "  idempotency_key, cancels_tx, reason, metadata, created_at FROM m",
+			   2, types);
+	PointsExec(plan_archive, values, NULL, false, 0);
+	moved = SPI_processed;
+	SPI_finish();
+	PG_RETURN_INT64((int64) moved);
+}

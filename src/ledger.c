@@ -1,0 +1,644 @@
+/*-------------------------------------------------------------------------
+ *
+ * ledger.c
+ *	  The write operations of the API: points.earn, points.use and
+ *	  points.cancel, and the pieces every ledger write shares.
+ *
+ * Every write of a user follows one order, which is what makes the
+ * extension deadlock-free and its user_seq gapless:
+ *
+ *	  1. idempotency key lookup (a replay returns without any lock)
+ *	  2. the user lock (userlock.c), bounded by points.lock_timeout
+ *	  3. the key lookup again, now that no one else can write the user
+ *	  4. the account row, FOR UPDATE (created by the user's first earn)
+ *	  5. lot changes, then one statement that appends the ledger row, its
+ *	     outbox event and the account's new balance and user_seq
+ *
+ * "now" of a call is the clock when the call started: it stamps created_at
+ * and decides which points have expired.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "common/int.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/timestamp.h"
+
+#include "points.h"
+
+PG_FUNCTION_INFO_V1(points_earn);
+PG_FUNCTION_INFO_V1(points_use);
+PG_FUNCTION_INFO_V1(points_cancel);
+
+#define TX_COLS "tx_id, user_id, user_seq, kind, amount, balance_after, " \
+	"idempotency_key, cancels_tx, reason, metadata, created_at"
+
+/* column numbers of TX_COLS in a result row */
+#define TXC_TX_ID		1
+#define TXC_USER_ID		2
+#define TXC_KIND		4
+#define TXC_AMOUNT		5
+#define TXC_CANCELS		8
+
+static SPIPlanPtr plan_lock_account;
+static SPIPlanPtr plan_new_account;
+static SPIPlanPtr plan_append;
+static SPIPlanPtr plan_key;
+static SPIPlanPtr plan_fetch;
+static SPIPlanPtr plan_spendable;
+static SPIPlanPtr plan_consume;
+static SPIPlanPtr plan_cancelled;
+static SPIPlanPtr plan_lot;
+static SPIPlanPtr plan_lot_take;
+static SPIPlanPtr plan_restore;
+
+/*
+ * PointsLockAccount
+ *		Lock the user's account row (the user lock must be held) and read its
+ *		balance and last user_seq.  With create, a missing account is made.
+ */
+void
+PointsLockAccount(int64 user_id, bool create, PointsAccount *acct)
+{
+	static const Oid types[2] = {INT8OID, TIMESTAMPTZOID};
+	Datum		values[2];
+
+	values[0] = Int64GetDatum(user_id);
+	values[1] = TimestampTzGetDatum(GetCurrentTimestamp());
+	PointsPlan(&plan_lock_account,
+			   "SELECT a.balance, a.last_seq FROM points.account a"
+			   " WHERE a.user_id = $1 FOR UPDATE", 1, types);
+	PointsExec(plan_lock_account, values, NULL, false, 1);
+	if (SPI_processed == 0 && create)
+	{
+		/* ON CONFLICT: under REPEATABLE READ a row we cannot see is 40001 */
+		PointsPlan(&plan_new_account,
+				   "INSERT INTO points.account"
+				   " (user_id, balance, last_seq, created_at, updated_at)"
+				   " VALUES ($1, 0, 0, $2, $2) ON CONFLICT (user_id) DO NOTHING",
+				   2, types);
+		PointsExec(plan_new_account, values, NULL, false, 0);
+		PointsExec(plan_lock_account, values, NULL, false, 1);
+	}
+	acct->exists = SPI_processed > 0;
+	acct->balance = acct->exists ? PointsGetInt64(0, 1, NULL) : 0;
+	acct->last_seq = acct->exists ? PointsGetInt64(0, 2, NULL) : 0;
+}
+
+static const char *
+EventType(const char *kind)
+{
+	if (strcmp(kind, "earn") == 0)
+		return "points.earned";
+	if (strcmp(kind, "use") == 0)
+		return "points.used";
+	if (strcmp(kind, "earn_cancel") == 0)
+		return "points.earn_cancelled";
+	if (strcmp(kind, "use_cancel") == 0)
+		return "points.use_cancelled";
+	if (strcmp(kind, "expire") == 0)
+		return "points.expired";
+	elog(ERROR, "points: unknown transaction kind \"%s\"", kind);
+	return NULL;				/* keep compiler quiet */
+}
+
+/*
+ * PointsAppendTx
+ *		Append one transaction of a locked user: the ledger row, the lot of
+ *		an earn (make_lot), the outbox event and the account's new balance
+ *		and user_seq, in one statement.  amount is signed.  Raises 22003
+ *		when the balance would overflow.  On return SPI_tuptable holds the
+ *		new transaction as a points.tx row, and acct is up to date.
+ */
+void
+PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
+			   int64 amount, text *key, int64 cancels_tx,
+			   text *reason, Datum metadata, bool metadata_null,
+			   TimestampTz created_at, TimestampTz lot_expires_at,
+			   bool make_lot)
+{
+	static const Oid types[14] = {
+		INT8OID, INT8OID, INT8OID, TEXTOID, INT8OID, INT8OID, TEXTOID,
+		INT8OID, TEXTOID, JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, BOOLOID,
+		TEXTOID
+	};
+	Datum		values[14];
+	char		nulls[14];
+	int64		balance_after;
+
+	if (pg_add_s64_overflow(acct->balance, amount, &balance_after))
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("balance of user %lld would overflow: %lld + %lld is out of range for bigint",
+						(long long) user_id, (long long) acct->balance,
+						(long long) amount)));
+	Assert(balance_after >= 0);
+
+	memset(nulls, ' ', sizeof(nulls));
+	values[0] = Int64GetDatum((int64) points_node_id);
+	values[1] = Int64GetDatum(user_id);
+	values[2] = Int64GetDatum(acct->last_seq + 1);
+	values[3] = CStringGetTextDatum(kind);
+	values[4] = Int64GetDatum(amount);
+	values[5] = Int64GetDatum(balance_after);
+	values[6] = PointerGetDatum(key);
+	nulls[6] = key ? ' ' : 'n';
+	values[7] = Int64GetDatum(cancels_tx);
+	nulls[7] = cancels_tx ? ' ' : 'n';
+	values[8] = PointerGetDatum(reason);
+	nulls[8] = reason ? ' ' : 'n';
+	values[9] = metadata;
+	nulls[9] = metadata_null ? 'n' : ' ';
+	values[10] = TimestampTzGetDatum(created_at);
+	values[11] = TimestampTzGetDatum(lot_expires_at);
+	values[12] = BoolGetDatum(make_lot);
+	values[13] = CStringGetTextDatum(EventType(kind));
+
+	PointsPlan(&plan_append,
+			   "WITH t AS ("
+			   "  INSERT INTO points.ledger (" TX_COLS ")"
+			   "  VALUES (($1 << 40) + nextval('points.tx_seq'::regclass),"
+			   "          $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+			   "  RETURNING " TX_COLS "),"
+			   " l AS ("
+			   "  INSERT INTO points.lot (lot_id, user_id, amount, remaining, expires_at)"
+			   "  SELECT t.tx_id, t.user_id, t.amount, t.amount, $12 FROM t WHERE $13),"
+			   " o AS ("
+			   "  INSERT INTO points.outbox (id, aggregateid, type, payload, created_at)"
+			   "  SELECT t.tx_id, t.user_id::text, $14,"
+			   "         jsonb_build_object("
+			   "           'event_id', t.tx_id, 'type', $14, 'user_id', t.user_id,"
+			   "           'user_seq', t.user_seq, 'tx_id', t.tx_id, 'kind', t.kind,"
+			   "           'amount', t.amount, 'balance_after', t.balance_after,"
+			   "           'occurred_at', to_char(t.created_at AT TIME ZONE 'UTC',"
+			   "                                  'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
+			   "           'idempotency_key', t.idempotency_key,"
+			   "           'cancels_tx', t.cancels_tx,"
+			   "           'reason', t.reason, 'metadata', t.metadata),"
+			   "         t.created_at"
+			   "  FROM t),"
+			   " a AS ("
+			   "  UPDATE points.account SET balance = $6, last_seq = $3, updated_at = $11"
+			   "  WHERE user_id = $2)"
+			   " SELECT " TX_COLS ", false FROM t",
+			   14, types);
+	PointsExec(plan_append, values, nulls, false, 0);
+	if (SPI_processed != 1)
+		elog(ERROR, "points: ledger append wrote %llu rows",
+			 (unsigned long long) SPI_processed);
+	acct->balance = balance_after;
+	acct->last_seq++;
+}
+
+/*
+ * Operation names as the idempotency check compares them: both kinds of
+ * cancel are the operation "cancel".
+ */
+static const char *
+KindOperation(const char *kind)
+{
+	return strncmp(kind, "earn_cancel", 11) == 0 ||
+		strncmp(kind, "use_cancel", 10) == 0 ? "cancel" : kind;
+}
+
+/*
+ * LookupKey
+ *		If user_id already used key, either return true with *result set to
+ *		the original transaction (replayed = true), when it was the same
+ *		operation ("earn", "use", "cancel") with the same amount (amount < 0:
+ *		any) and target; or raise PT002.  Returns false for an unused key.
+ */
+static bool
+LookupKey(FunctionCallInfo fcinfo, MemoryContext outer, int64 user_id,
+		  text *key, const char *op, int64 amount, int64 target,
+		  Datum *result)
+{
+	static const Oid types[2] = {INT8OID, TEXTOID};
+	Datum		values[2];
+	char	   *kind;
+	const char *prev_op;
+	int64		prev_amount;
+	int64		prev_target;
+
+	values[0] = Int64GetDatum(user_id);
+	values[1] = PointerGetDatum(key);
+	PointsPlan(&plan_key,
+			   "SELECT " TX_COLS ", true FROM points.ledger"
+			   " WHERE user_id = $1 AND idempotency_key = $2"
+			   " UNION ALL "
+			   "SELECT " TX_COLS ", true FROM points.ledger_archive"
+			   " WHERE user_id = $1 AND idempotency_key = $2",
+			   2, types);
+	PointsExec(plan_key, values, NULL, false, 1);
+	if (SPI_processed == 0)
+		return false;
+
+	kind = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, TXC_KIND);
+	prev_op = KindOperation(kind);
+	prev_amount = PointsGetInt64(0, TXC_AMOUNT, NULL);
+	prev_amount = prev_amount < 0 ? -prev_amount : prev_amount;
+	prev_target = PointsGetInt64(0, TXC_CANCELS, NULL);
+
+	if (strcmp(prev_op, op) != 0 || (amount >= 0 && amount != prev_amount) ||
+		prev_target != target)
+	{
+		char		what[64] = "";
+
+		if (target != 0)
+			snprintf(what, sizeof(what), " of transaction %lld", (long long) target);
+		ereport(ERROR,
+				(errcode(ERRCODE_POINTS_KEY_MISMATCH),
+				 errmsg("idempotency key \"%s\" of user %lld was already used by transaction %lld (%s of %lld points)",
+						text_to_cstring(key), (long long) user_id,
+						(long long) PointsGetInt64(0, TXC_TX_ID, NULL),
+						kind, (long long) prev_amount),
+				 amount >= 0 ?
+				 errdetail("This call is %s%s of %lld points.", op, what,
+						   (long long) amount) :
+				 errdetail("This call is %s%s.", op, what),
+				 errhint("Use a new key for a different operation.")));
+	}
+	*result = PointsRowToComposite(fcinfo, outer, 0);
+	return true;
+}
+
+/*
+ * Checks of the arguments that earn, use and cancel share.
+ */
+static void
+CheckAmount(int64 amount, const char *op, const char *whom, int64 id)
+{
+	if (amount <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("amount must be greater than zero, got %lld for %s of %s %lld",
+						(long long) amount, op, whom, (long long) id)));
+}
+
+static Datum
+ArgMetadata(FunctionCallInfo fcinfo, int argno, bool *isnull)
+{
+	Jsonb	   *j;
+
+	*isnull = PG_ARGISNULL(argno);
+	if (*isnull)
+		return (Datum) 0;
+	j = PG_GETARG_JSONB_P(argno);
+	if (VARSIZE(j) - VARHDRSZ > POINTS_MAX_METADATA_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("metadata is %d bytes long, at most %d are allowed",
+						(int) (VARSIZE(j) - VARHDRSZ), POINTS_MAX_METADATA_BYTES)));
+	return JsonbPGetDatum(j);
+}
+
+/*
+ * points_earn
+ *		points.earn(user_id, amount, idempotency_key, expires_at, reason,
+ *		metadata): add a lot of amount points to the user.
+ */
+Datum
+points_earn(PG_FUNCTION_ARGS)
+{
+	int64		user_id = PointsArgInt64(fcinfo, 0, "user_id");
+	int64		amount = PointsArgInt64(fcinfo, 1, "amount");
+	text	   *key = PointsArgText(fcinfo, 2, "idempotency_key", POINTS_MAX_KEY_BYTES);
+	text	   *reason = PointsArgText(fcinfo, 4, "reason", POINTS_MAX_REASON_BYTES);
+	bool		metadata_null;
+	Datum		metadata = ArgMetadata(fcinfo, 5, &metadata_null);
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz expires_at;
+	MemoryContext outer = CurrentMemoryContext;
+	PointsAccount acct;
+	Datum		result;
+
+	CheckAmount(amount, "earn", "user", user_id);
+	if (PG_ARGISNULL(3))
+		expires_at = PointsTimestampPlusSeconds(now, points_default_validity);
+	else
+	{
+		expires_at = PG_GETARG_TIMESTAMPTZ(3);
+		if (expires_at <= now)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("expires_at %s is not in the future, for earn of %lld points by user %lld",
+							timestamptz_to_str(expires_at), (long long) amount,
+							(long long) user_id),
+					 errhint("Pass NULL for points.default_validity, or 'infinity' for points that never expire.")));
+	}
+
+	SPI_connect();
+	if (key && LookupKey(fcinfo, outer, user_id, key, "earn", amount, 0, &result))
+	{
+		SPI_finish();
+		PG_RETURN_DATUM(result);
+	}
+	PointsLockUser(user_id);
+	if (key && LookupKey(fcinfo, outer, user_id, key, "earn", amount, 0, &result))
+	{
+		SPI_finish();
+		PG_RETURN_DATUM(result);
+	}
+	PointsLockAccount(user_id, true, &acct);
+	PointsAppendTx(&acct, user_id, "earn", amount, key, 0, reason,
+				   metadata, metadata_null, now, expires_at, true);
+	result = PointsRowToComposite(fcinfo, outer, 0);
+	SPI_finish();
+	PG_RETURN_DATUM(result);
+}
+
+/*
+ * Spendable
+ *		Points of the user's lots that have not expired at "now".
+ */
+static int64
+Spendable(int64 user_id, TimestampTz now)
+{
+	static const Oid types[2] = {INT8OID, TIMESTAMPTZOID};
+	Datum		values[2];
+
+	values[0] = Int64GetDatum(user_id);
+	values[1] = TimestampTzGetDatum(now);
+	PointsPlan(&plan_spendable,
+			   "SELECT coalesce(sum(remaining), 0)::int8 FROM points.lot"
+			   " WHERE user_id = $1 AND remaining > 0 AND expires_at > $2",
+			   2, types);
+	PointsExec(plan_spendable, values, NULL, false, 1);
+	return PointsGetInt64(0, 1, NULL);
+}
+
+/*
+ * points_use
+ *		points.use(user_id, amount, idempotency_key, reason, metadata):
+ *		spend amount points, taking them from the lots that expire soonest
+ *		(ties: the oldest lot first), and record what came from which lot.
+ */
+Datum
+points_use(PG_FUNCTION_ARGS)
+{
+	int64		user_id = PointsArgInt64(fcinfo, 0, "user_id");
+	int64		amount = PointsArgInt64(fcinfo, 1, "amount");
+	text	   *key = PointsArgText(fcinfo, 2, "idempotency_key", POINTS_MAX_KEY_BYTES);
+	text	   *reason = PointsArgText(fcinfo, 3, "reason", POINTS_MAX_REASON_BYTES);
+	bool		metadata_null;
+	Datum		metadata = ArgMetadata(fcinfo, 4, &metadata_null);
+	TimestampTz now = GetCurrentTimestamp();
+	MemoryContext outer = CurrentMemoryContext;
+	PointsAccount acct;
+	int64		spendable;
+	int64		tx_id;
+	int64		taken = 0;
+	Datum		result;
+	Datum		values[4];
+	static const Oid types[4] = {INT8OID, INT8OID, TIMESTAMPTZOID, INT8OID};
+	uint64		i;
+
+	CheckAmount(amount, "use", "user", user_id);
+
+	SPI_connect();
+	if (key && LookupKey(fcinfo, outer, user_id, key, "use", amount, 0, &result))
+	{
+		SPI_finish();
+		PG_RETURN_DATUM(result);
+	}
+	PointsLockUser(user_id);
+	if (key && LookupKey(fcinfo, outer, user_id, key, "use", amount, 0, &result))
+	{
+		SPI_finish();
+		PG_RETURN_DATUM(result);
+	}
+	PointsLockAccount(user_id, false, &acct);
+	spendable = acct.exists ? Spendable(user_id, now) : 0;
+	if (spendable < amount)
+		ereport(ERROR,
+				(errcode(ERRCODE_POINTS_INSUFFICIENT),
+				 errmsg("user %lld has %lld spendable points, %lld requested",
+						(long long) user_id, (long long) spendable,
+						(long long) amount)));
+
+	PointsAppendTx(&acct, user_id, "use", -amount, key, 0, reason,
+				   metadata, metadata_null, now, 0, false);
+	tx_id = PointsGetInt64(0, TXC_TX_ID, NULL);
+	result = PointsRowToComposite(fcinfo, outer, 0);
+
+	/* take from the lots in use order, recording each lot's part */
+	values[0] = Int64GetDatum(user_id);
+	values[1] = Int64GetDatum(amount);
+	values[2] = TimestampTzGetDatum(now);
+	values[3] = Int64GetDatum(tx_id);
+	PointsPlan(&plan_consume,
+			   "WITH c AS ("
+			   "  SELECT lot_id, remaining,"
+			   "         sum(remaining) OVER (ORDER BY expires_at, lot_id) AS upto"
+			   "  FROM points.lot"
+			   "  WHERE user_id = $1 AND remaining > 0 AND expires_at > $3),"
+			   " p AS ("
+			   "  SELECT lot_id, least(remaining, $2 - (upto - remaining))::int8 AS part"
+			   "  FROM c WHERE upto - remaining < $2),"
+			   " u AS ("
+			   "  UPDATE points.lot l SET remaining = l.remaining - p.part"
+			   "  FROM p WHERE l.lot_id = p.lot_id"
+			   "  RETURNING l.lot_id, p.part)"
+			   " INSERT INTO points.use_lot (use_tx, lot_id, taken)"
+			   " SELECT $4, lot_id, part FROM u RETURNING taken",
+			   4, types);
+	PointsExec(plan_consume, values, NULL, false, 0);
+	for (i = 0; i < SPI_processed; i++)
+		taken += PointsGetInt64(i, 1, NULL);
+	if (taken != amount)
+		elog(ERROR, "points: use %lld of user %lld took %lld points from its lots, expected %lld",
+			 (long long) tx_id, (long long) user_id, (long long) taken,
+			 (long long) amount);
+
+	SPI_finish();
+	PG_RETURN_DATUM(result);
+}
+
+/*
+ * CancelEarn
+ *		Take "part" points back out of the lot of earn tx_id, if the lot still
+ *		holds them unexpired.
+ */
+static void
+CancelEarn(int64 user_id, int64 tx_id, int64 part, TimestampTz now)
+{
+	static const Oid types[3] = {INT8OID, TIMESTAMPTZOID, INT8OID};
+	Datum		values[3];
+	int64		held;
+
+	values[0] = Int64GetDatum(tx_id);
+	values[1] = TimestampTzGetDatum(now);
+	values[2] = Int64GetDatum(part);
+	PointsPlan(&plan_lot,
+			   "SELECT CASE WHEN expires_at > $2 THEN remaining ELSE 0 END"
+			   " FROM points.lot WHERE lot_id = $1",
+			   2, types);
+	PointsExec(plan_lot, values, NULL, false, 1);
+	held = SPI_processed ? PointsGetInt64(0, 1, NULL) : 0;
+	if (held < part)
+		ereport(ERROR,
+				(errcode(ERRCODE_POINTS_INSUFFICIENT),
+				 errmsg("user %lld has %lld spendable points left from transaction %lld, %lld requested to cancel",
+						(long long) user_id, (long long) held, (long long) tx_id,
+						(long long) part),
+				 errdetail("The other points of that earn were used or have expired.")));
+	PointsPlan(&plan_lot_take,
+			   "UPDATE points.lot SET remaining = remaining - $3 WHERE lot_id = $1",
+			   3, types);
+	PointsExec(plan_lot_take, values, NULL, false, 0);
+}
+
+/*
+ * CancelUse
+ *		Give "part" points of use tx_id back to the lots they came from, the
+ *		lots that expire last first (the reverse of the use's order).
+ */
+static void
+CancelUse(int64 user_id, int64 tx_id, int64 part)
+{
+	static const Oid types[2] = {INT8OID, INT8OID};
+	Datum		values[2];
+	int64		given = 0;
+	uint64		i;
+
+	values[0] = Int64GetDatum(tx_id);
+	values[1] = Int64GetDatum(part);
+	PointsPlan(&plan_restore,
+			   "WITH c AS ("
+			   "  SELECT u.lot_id, u.taken - u.restored AS open,"
+			   "         sum(u.taken - u.restored)"
+			   "           OVER (ORDER BY l.expires_at DESC, u.lot_id DESC) AS upto"
+			   "  FROM points.use_lot u JOIN points.lot l ON l.lot_id = u.lot_id"
+			   "  WHERE u.use_tx = $1 AND u.taken > u.restored),"
+			   " p AS ("
+			   "  SELECT lot_id, least(open, $2 - (upto - open))::int8 AS part"
+			   "  FROM c WHERE upto - open < $2),"
+			   " r AS ("
+			   "  UPDATE points.use_lot u SET restored = u.restored + p.part"
+			   "  FROM p WHERE u.use_tx = $1 AND u.lot_id = p.lot_id)"
+			   " UPDATE points.lot l SET remaining = l.remaining + p.part"
+			   " FROM p WHERE l.lot_id = p.lot_id RETURNING p.part",
+			   2, types);
+	PointsExec(plan_restore, values, NULL, false, 0);
+	for (i = 0; i < SPI_processed; i++)
+		given += PointsGetInt64(i, 1, NULL);
+	if (given != part)
+		elog(ERROR, "points: cancel of use %lld of user %lld restored %lld points, expected %lld",
+			 (long long) tx_id, (long long) user_id, (long long) given,
+			 (long long) part);
+}
+
+/*
+ * points_cancel
+ *		points.cancel(tx_id, amount, idempotency_key, reason): undo all or
+ *		part of an earn or a use, as a new transaction of the same user.
+ */
+Datum
+points_cancel(PG_FUNCTION_ARGS)
+{
+	int64		tx_id = PointsArgInt64(fcinfo, 0, "tx_id");
+	int64		amount = PG_ARGISNULL(1) ? -1 : PG_GETARG_INT64(1);
+	text	   *key = PointsArgText(fcinfo, 2, "idempotency_key", POINTS_MAX_KEY_BYTES);
+	text	   *reason = PointsArgText(fcinfo, 3, "reason", POINTS_MAX_REASON_BYTES);
+	TimestampTz now = GetCurrentTimestamp();
+	MemoryContext outer = CurrentMemoryContext;
+	static const Oid types[1] = {INT8OID};
+	Datum		values[1];
+	PointsAccount acct;
+	int64		user_id;
+	int64		original;
+	int64		cancelled;
+	int64		left;
+	int64		part;
+	char	   *kind;
+	bool		is_earn;
+	Datum		result;
+
+	if (!PG_ARGISNULL(1))
+		CheckAmount(amount, "cancel", "transaction", tx_id);
+
+	SPI_connect();
+	values[0] = Int64GetDatum(tx_id);
+	PointsPlan(&plan_fetch,
+			   "SELECT " TX_COLS " FROM points.ledger WHERE tx_id = $1"
+			   " UNION ALL "
+			   "SELECT " TX_COLS " FROM points.ledger_archive WHERE tx_id = $1",
+			   1, types);
+	PointsExec(plan_fetch, values, NULL, false, 1);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("transaction %lld does not exist", (long long) tx_id)));
+	user_id = PointsGetInt64(0, TXC_USER_ID, NULL);
+	kind = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, TXC_KIND);
+	original = PointsGetInt64(0, TXC_AMOUNT, NULL);
+	original = original < 0 ? -original : original;
+	is_earn = strcmp(kind, "earn") == 0;
+
+	if (key && LookupKey(fcinfo, outer, user_id, key, "cancel", amount, tx_id, &result))
+	{
+		SPI_finish();
+		PG_RETURN_DATUM(result);
+	}
+	if (!is_earn && strcmp(kind, "use") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_POINTS_CANCEL_DENIED),
+				 errmsg("transaction %lld of user %lld is a %s: only earn and use can be cancelled",
+						(long long) tx_id, (long long) user_id, kind)));
+
+	PointsLockUser(user_id);
+	if (key && LookupKey(fcinfo, outer, user_id, key, "cancel", amount, tx_id, &result))
+	{
+		SPI_finish();
+		PG_RETURN_DATUM(result);
+	}
+	PointsLockAccount(user_id, false, &acct);
+	if (!acct.exists)
+		elog(ERROR, "points: account of user %lld is missing", (long long) user_id);
+
+	PointsPlan(&plan_cancelled,
+			   "SELECT coalesce(sum(-amount), 0)::int8 FROM ("
+			   " SELECT amount FROM points.ledger WHERE cancels_tx = $1"
+			   " UNION ALL"
+			   " SELECT amount FROM points.ledger_archive WHERE cancels_tx = $1) c",
+			   1, types);
+	PointsExec(plan_cancelled, values, NULL, false, 1);
+	cancelled = PointsGetInt64(0, 1, NULL);
+	if (!is_earn)
+		cancelled = -cancelled; /* use_cancel amounts are positive */
+	left = original - cancelled;
+	part = amount < 0 ? left : amount;
+	if (left == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_POINTS_CANCEL_DENIED),
+				 errmsg("transaction %lld of user %lld (%s of %lld points) is already fully cancelled",
+						(long long) tx_id, (long long) user_id, kind,
+						(long long) original)));
+	if (part > left)
+		ereport(ERROR,
+				(errcode(ERRCODE_POINTS_CANCEL_DENIED),
+				 errmsg("cannot cancel %lld points of transaction %lld of user %lld: %lld of its %lld points are left to cancel",
+						(long long) part, (long long) tx_id, (long long) user_id,
+						(long long) left, (long long) original)));
+
+	if (is_earn)
+	{
+		CancelEarn(user_id, tx_id, part, now);
+		PointsAppendTx(&acct, user_id, "earn_cancel", -part, key, tx_id,
+					   reason, (Datum) 0, true, now, 0, false);
+		result = PointsRowToComposite(fcinfo, outer, 0);
+	}
+	else
+	{
+		/* check overflow before touching the lots */
+		PointsAppendTx(&acct, user_id, "use_cancel", part, key, tx_id,
+					   reason, (Datum) 0, true, now, 0, false);
+		result = PointsRowToComposite(fcinfo, outer, 0);
+		CancelUse(user_id, tx_id, part);
+	}
+	SPI_finish();
+	PG_RETURN_DATUM(result);
+}

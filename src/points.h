@@ -1,0 +1,83 @@
+/*-------------------------------------------------------------------------
+ *
+ * points.h
+ *	  Declarations shared by the files of the points extension.
+ *
+ * Words used throughout:
+ *	  user      - an account holder, identified by a bigint user_id
+ *	  lot       - the points of one earn; lot_id is the earn's tx_id
+ *	  tx        - one immutable ledger row (earn, use, earn_cancel,
+ *	              use_cancel, expire), identified by tx_id
+ *	  user lock - the transaction-scoped advisory lock that serializes all
+ *	              writes of one user (see userlock.c)
+ *	  outbox    - points.outbox, one row per tx, published by the worker
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef POINTS_H
+#define POINTS_H
+
+#include "postgres.h"
+
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "utils/timestamp.h"
+
+/* SQLSTATEs of the contract that PostgreSQL does not define */
+#define ERRCODE_POINTS_INSUFFICIENT		MAKE_SQLSTATE('P','T','0','0','1')
+#define ERRCODE_POINTS_KEY_MISMATCH		MAKE_SQLSTATE('P','T','0','0','2')
+#define ERRCODE_POINTS_CANCEL_DENIED	MAKE_SQLSTATE('P','T','0','0','3')
+
+/* Limits on caller-supplied text, so that every event fits a Kafka message */
+#define POINTS_MAX_KEY_BYTES		255
+#define POINTS_MAX_REASON_BYTES		4096
+#define POINTS_MAX_METADATA_BYTES	65536
+
+/* Most distinct users a batch job locks in one transaction */
+#define POINTS_BATCH_MAX_USERS		1000
+
+/* tx_id and request_id are node_id * 2^40 + n */
+#define POINTS_NODE_SHIFT			40
+
+/* settings (points.c) */
+extern int	points_lock_timeout;
+extern int	points_default_validity;
+extern int	points_archive_after;
+extern int	points_node_id;
+
+/* userlock.c */
+extern void PointsLockUser(int64 user_id);
+extern bool PointsTryLockUser(int64 user_id);
+
+/* util.c */
+extern SPIPlanPtr PointsPlan(SPIPlanPtr *slot, const char *sql,
+							 int nargs, const Oid *argtypes);
+extern int	PointsExec(SPIPlanPtr plan, Datum *values, const char *nulls,
+					   bool read_only, long count);
+extern int64 PointsGetInt64(int row, int col, bool *isnull);
+extern int64 PointsArgInt64(FunctionCallInfo fcinfo, int argno, const char *name);
+extern int32 PointsArgPositiveInt32(FunctionCallInfo fcinfo, int argno, const char *name);
+extern text *PointsArgText(FunctionCallInfo fcinfo, int argno, const char *name,
+						   int max_bytes);
+extern Datum PointsRowToComposite(FunctionCallInfo fcinfo, MemoryContext outer,
+								  int row);
+extern void PointsReturnRows(FunctionCallInfo fcinfo);
+extern TimestampTz PointsTimestampPlusSeconds(TimestampTz t, int64 seconds);
+
+/* ledger.c: shared by the operations and the jobs */
+typedef struct PointsAccount
+{
+	bool		exists;
+	int64		balance;		/* sum of lot remaining, expired or not */
+	int64		last_seq;		/* user_seq of the user's newest tx */
+	int64		next_tx_id;		/* a fresh tx_id, taken under the user lock */
+} PointsAccount;
+
+extern void PointsLockAccount(int64 user_id, bool create, PointsAccount *acct);
+extern void PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
+						   int64 amount, text *key, int64 cancels_tx,
+						   text *reason, Datum metadata, bool metadata_null,
+						   TimestampTz created_at, TimestampTz lot_expires_at,
+						   bool make_lot);
+
+#endif							/* POINTS_H */

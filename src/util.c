@@ -1,0 +1,224 @@
+/*-------------------------------------------------------------------------
+ *
+ * util.c
+ *	  Helpers shared by the SQL-callable functions: saved SPI plans,
+ *	  argument checks, and turning SPI result rows into function results.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "datatype/timestamp.h"
+#include "funcapi.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/lsyscache.h"
+#include "utils/tuplestore.h"
+
+#include "points.h"
+
+/*
+ * PointsPlan
+ *		Return the saved plan in *slot, preparing and keeping it on first use.
+ *
+ * Plans live for the backend's life; the plan cache re-plans them when the
+ * objects they use change (e.g. after DROP/CREATE EXTENSION).
+ */
+SPIPlanPtr
+PointsPlan(SPIPlanPtr *slot, const char *sql, int nargs, const Oid *argtypes)
+{
+	if (*slot == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(sql, nargs, (Oid *) argtypes);
+
+		if (plan == NULL)
+			elog(ERROR, "points: SPI_prepare failed (%s): %s",
+				 SPI_result_code_string(SPI_result), sql);
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "points: SPI_keepplan failed");
+		*slot = plan;
+	}
+	return *slot;
+}
+
+/*
+ * PointsExec
+ *		Run a saved plan; any failure is an error.  Returns SPI's result code.
+ */
+int
+PointsExec(SPIPlanPtr plan, Datum *values, const char *nulls, bool read_only,
+		   long count)
+{
+	int			rc = SPI_execute_plan(plan, values, nulls, read_only, count);
+
+	if (rc < 0)
+		elog(ERROR, "points: SPI_execute_plan failed: %s",
+			 SPI_result_code_string(rc));
+	return rc;
+}
+
+/*
+ * PointsGetInt64
+ *		Column col (1-based) of result row as int64; 0 when NULL.
+ */
+int64
+PointsGetInt64(int row, int col, bool *isnull)
+{
+	bool		null;
+	Datum		d = SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc,
+								  col, &null);
+
+	if (isnull)
+		*isnull = null;
+	return null ? 0 : DatumGetInt64(d);
+}
+
+static void
+RaiseNullArgument(FunctionCallInfo fcinfo, const char *name)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+			 errmsg("%s must not be NULL", name),
+			 errhint("%s requires a value for %s.",
+					 get_func_name(fcinfo->flinfo->fn_oid), name)));
+}
+
+/*
+ * PointsArgInt64
+ *		A required bigint argument: NULL is SQLSTATE 22004.
+ */
+int64
+PointsArgInt64(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	if (PG_ARGISNULL(argno))
+		RaiseNullArgument(fcinfo, name);
+	return PG_GETARG_INT64(argno);
+}
+
+/*
+ * PointsArgPositiveInt32
+ *		A required int argument that must be > 0 (max_rows, max_lots, ...).
+ */
+int32
+PointsArgPositiveInt32(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	int32		v;
+
+	if (PG_ARGISNULL(argno))
+		RaiseNullArgument(fcinfo, name);
+	v = PG_GETARG_INT32(argno);
+	if (v <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be greater than zero, got %d", name, v)));
+	return v;
+}
+
+/*
+ * PointsArgText
+ *		An optional text argument of at most max_bytes bytes, not empty;
+ *		NULL when absent.
+ */
+text *
+PointsArgText(FunctionCallInfo fcinfo, int argno, const char *name,
+			  int max_bytes)
+{
+	text	   *t;
+	int			len;
+
+	if (PG_ARGISNULL(argno))
+		return NULL;
+	t = PG_GETARG_TEXT_PP(argno);
+	len = VARSIZE_ANY_EXHDR(t);
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must not be empty", name),
+				 errhint("Pass NULL to omit it.")));
+	if (len > max_bytes)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is %d bytes long, at most %d are allowed",
+						name, len, max_bytes)));
+	return t;
+}
+
+/*
+ * PointsTimestampPlusSeconds
+ *		t + seconds, saturating to 'infinity' instead of overflowing.
+ */
+TimestampTz
+PointsTimestampPlusSeconds(TimestampTz t, int64 seconds)
+{
+	int64		us;
+	TimestampTz r;
+
+	if (TIMESTAMP_NOT_FINITE(t))
+		return t;
+	if (pg_mul_s64_overflow(seconds, USECS_PER_SEC, &us) ||
+		pg_add_s64_overflow(t, us, &r) || !IS_VALID_TIMESTAMP(r))
+		return seconds > 0 ? DT_NOEND : DT_NOBEGIN;
+	return r;
+}
+
+/*
+ * PointsRowToComposite
+ *		Copy SPI result row "row" into a value of the function's composite
+ *		result type, allocated in "outer" (the context the function was
+ *		called in, which outlives SPI_finish).  The row's columns must match
+ *		the result type's in number and type.
+ */
+Datum
+PointsRowToComposite(FunctionCallInfo fcinfo, MemoryContext outer, int row)
+{
+	TupleDesc	spidesc = SPI_tuptable->tupdesc;
+	TupleDesc	resdesc;
+	Datum	   *values;
+	bool	   *nulls;
+	HeapTuple	result;
+	MemoryContext old;
+
+	if (get_call_result_type(fcinfo, NULL, &resdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "points: function must return a composite type");
+	if (resdesc->natts != spidesc->natts)
+		elog(ERROR, "points: result has %d columns, expected %d",
+			 spidesc->natts, resdesc->natts);
+
+	values = palloc(sizeof(Datum) * spidesc->natts);
+	nulls = palloc(sizeof(bool) * spidesc->natts);
+	heap_deform_tuple(SPI_tuptable->vals[row], spidesc, values, nulls);
+
+	old = MemoryContextSwitchTo(outer);
+	resdesc = BlessTupleDesc(resdesc);
+	result = heap_form_tuple(resdesc, values, nulls);
+	MemoryContextSwitchTo(old);
+	return HeapTupleGetDatum(result);
+}
+
+/*
+ * PointsReturnRows
+ *		Return every row of the last SPI result as the function's result set
+ *		(materialize mode).  The rows' columns must match the result type's.
+ */
+void
+PointsReturnRows(FunctionCallInfo fcinfo)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	TupleDesc	spidesc = SPI_tuptable->tupdesc;
+	Datum	   *values;
+	bool	   *nulls;
+	uint64		i;
+
+	InitMaterializedSRF(fcinfo, 0);
+	values = palloc(sizeof(Datum) * spidesc->natts);
+	nulls = palloc(sizeof(bool) * spidesc->natts);
+	if (rsinfo->setDesc->natts != spidesc->natts)
+		elog(ERROR, "points: result has %d columns, expected %d",
+			 spidesc->natts, rsinfo->setDesc->natts);
+	for (i = 0; i < SPI_processed; i++)
+	{
+		heap_deform_tuple(SPI_tuptable->vals[i], spidesc, values, nulls);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+}
