@@ -15,5 +15,9 @@ SHLIB_LINK = $(shell pkg-config --libs rdkafka)
 REGRESS = earn use_order cancel expiry idempotency history archive verify bad_input privileges guc
 REGRESS_OPTS = --inputdir=. --load-extension=points
 
+# isolation specs: test/isolation/specs/NAME.spec -> test/isolation/expected/NAME.out
+ISOLATION = $(sort $(basename $(notdir $(wildcard test/isolation/specs/*.spec))))
+ISOLATION_OPTS = --inputdir=test/isolation --load-extension=points
+
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
