@@ -586,7 +586,7 @@ points_cancel(PG_FUNCTION_ARGS)
 	if (!is_earn && strcmp(kind, "use") != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_POINTS_CANCEL_DENIED),
-				 errmsg("transaction %lld of user %lld is a %s: only earn and use can be cancelled",
+				 errmsg("transaction %lld of user %lld is of kind %s: only earn and use can be cancelled",
 						(long long) tx_id, (long long) user_id, kind)));
 
 	PointsLockUser(user_id);

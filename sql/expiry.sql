@@ -1,0 +1,57 @@
+-- exact expiry: expired points are never spendable, before and after expire_due
+SELECT amount FROM points.earn(401, 100, expires_at => clock_timestamp() + interval '500 ms');
+SELECT amount FROM points.earn(401, 30, expires_at => clock_timestamp() + interval '1 hour');
+SELECT amount FROM points.earn(402, 7, expires_at => clock_timestamp() + interval '500 ms');
+SELECT points.balance(401);
+SELECT lot.remaining FROM points.expiring(401, '1 minute') lot;
+SELECT pg_sleep(0.6);
+
+-- past expires_at: not counted, not spendable, though expire_due has not run
+SELECT points.balance(401), points.balance(402);
+SELECT count(*) FROM points.expiring(401, '1 minute');
+\set VERBOSITY sqlstate
+SELECT points.use(401, 31);
+\set VERBOSITY default
+SELECT points.use(401, 31);
+SELECT amount, balance_after FROM points.use(401, 10);
+-- the stored balance still holds the unexpired-by-job lot; verify agrees
+SELECT balance FROM points.account WHERE user_id = 401;
+SELECT * FROM points.verify(401);
+
+-- the expiry job writes one expire transaction (and event) per lot
+SELECT points.expire_due() >= 2 AS expired;
+SELECT points.expire_due();
+SELECT user_seq, kind, amount, balance_after, metadata ? 'lot_id' AS names_lot
+FROM points.history(401) ORDER BY user_seq;
+SELECT o.type, (o.payload->>'amount')::bigint AS amount
+FROM points.outbox o JOIN points.ledger g ON g.tx_id = o.id
+WHERE g.user_id IN (401, 402) AND g.kind = 'expire' ORDER BY g.user_id;
+SELECT points.balance(401), points.balance(402);
+SELECT balance FROM points.account WHERE user_id IN (401, 402) ORDER BY user_id;
+
+-- max_lots bounds one call
+SELECT count(points.earn(403, 1, expires_at => clock_timestamp() + interval '300 ms'))
+FROM generate_series(1, 5);
+SELECT pg_sleep(0.4);
+SELECT points.expire_due(2), points.expire_due(2), points.expire_due(2), points.expire_due(2);
+
+-- a use cancelled after its lot expired restores points that are already expired
+SELECT amount FROM points.earn(404, 50, expires_at => clock_timestamp() + interval '300 ms');
+CREATE TEMP TABLE u AS SELECT tx_id FROM points.use(404, 20);
+SELECT pg_sleep(0.4);
+SELECT points.expire_due();
+SELECT kind, amount, balance_after FROM points.cancel((SELECT tx_id FROM u));
+SELECT points.balance(404);
+SELECT points.expire_due();
+SELECT user_seq, kind, amount, balance_after FROM points.history(404) ORDER BY user_seq;
+
+-- expiring(): lots expiring within the interval, soonest first; never-expiring ones are not listed
+SELECT amount FROM points.earn(405, 5, expires_at => now() + interval '2 days');
+SELECT amount FROM points.earn(405, 6, expires_at => now() + interval '1 day');
+SELECT amount FROM points.earn(405, 7, expires_at => now() + interval '40 days');
+SELECT amount FROM points.earn(405, 8, expires_at => 'infinity');
+SELECT remaining FROM points.expiring(405);
+SELECT remaining FROM points.expiring(405, '3 days');
+SELECT remaining FROM points.expiring(405, '100000 years');
+SELECT remaining FROM points.expiring(405, '0');
+SELECT * FROM points.verify();
