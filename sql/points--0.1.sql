@@ -112,6 +112,57 @@ CREATE TABLE points.outbox (
     created_at      timestamptz NOT NULL
 );
 
+/*
+ * What the background worker did last: one row, updated by the worker after
+ * each run (worker.c).  Read it through the view points.worker_status.
+ */
+CREATE TABLE points.worker_state (
+    id                  int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    started_at          timestamptz,
+    expire_last_run     timestamptz,
+    expire_last_lots    bigint NOT NULL DEFAULT 0,
+    expire_total_lots   bigint NOT NULL DEFAULT 0,
+    archive_last_run    timestamptz,
+    archive_last_rows   bigint NOT NULL DEFAULT 0,
+    archive_total_rows  bigint NOT NULL DEFAULT 0,
+    events_published    bigint NOT NULL DEFAULT 0,
+    kafka_last_error    text,
+    kafka_last_error_at timestamptz,
+    last_error          text,
+    last_error_at       timestamptz
+);
+INSERT INTO points.worker_state DEFAULT VALUES;
+
+/*
+ * The worker's state and the backlogs, true at the moment it is read.
+ * worker_pid is NULL when no worker runs for this database.
+ */
+CREATE VIEW points.worker_status AS
+SELECT (SELECT a.pid FROM pg_catalog.pg_stat_activity a
+        WHERE a.backend_type = 'points worker'
+          AND a.datname = pg_catalog.current_database() LIMIT 1) AS worker_pid,
+       s.started_at,
+       s.expire_last_run,
+       s.expire_last_lots,
+       s.expire_total_lots,
+       (SELECT pg_catalog.count(*) FROM points.lot l
+        WHERE l.remaining > 0 AND l.expires_at <= pg_catalog.now()) AS expire_backlog,
+       s.archive_last_run,
+       s.archive_last_rows,
+       s.archive_total_rows,
+       (SELECT pg_catalog.count(*) FROM points.ledger g
+        WHERE g.created_at < pg_catalog.now() OPERATOR(pg_catalog.-) COALESCE(
+              pg_catalog.current_setting('points.archive_after', true), '365d')::interval) AS archive_backlog,
+       (SELECT pg_catalog.count(*) FROM points.outbox) AS outbox_backlog,
+       pg_catalog.now() OPERATOR(pg_catalog.-)
+           (SELECT pg_catalog.min(o.created_at) FROM points.outbox o) AS outbox_oldest_age,
+       s.events_published,
+       s.kafka_last_error,
+       s.kafka_last_error_at,
+       s.last_error,
+       s.last_error_at
+FROM points.worker_state s;
+
 /* ---- the SQL API: C functions, SECURITY DEFINER, fixed search_path ---- */
 
 CREATE FUNCTION points.earn(user_id bigint, amount bigint,
@@ -176,3 +227,4 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA points FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA points FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA points FROM PUBLIC;
 REVOKE ALL ON TYPE points.tx FROM PUBLIC;
+REVOKE ALL ON points.worker_status FROM PUBLIC;

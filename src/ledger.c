@@ -191,6 +191,7 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 			 (unsigned long long) SPI_processed);
 	acct->balance = balance_after;
 	acct->last_seq++;
+	PointsNoteEvent();
 }
 
 /*

@@ -1,7 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * points.c
- *	  Module entry point: the settings (GUCs) of the extension.
+ *	  Module entry point: the settings (GUCs) of the extension, and with
+ *	  the preload, its shared memory and background worker.
  *
  * Every setting of the contract is defined here, with units and ranges,
  * whether or not the library was preloaded, so that a session that only
@@ -45,6 +46,10 @@ void		_PG_init(void);
 void
 _PG_init(void)
 {
+	/* nothing of ours may run while pg_upgrade moves the catalogs */
+	if (IsBinaryUpgrade)
+		return;
+
 	DefineCustomIntVariable("points.lock_timeout",
 							"Longest wait for a user's lock; 0 waits without limit.",
 							NULL,
@@ -158,4 +163,11 @@ _PG_init(void)
 							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("points");
+
+	/* the worker and shared memory exist only with the preload */
+	if (process_shared_preload_libraries_in_progress && !IsBinaryUpgrade)
+	{
+		PointsShmemInit();
+		PointsRegisterWorker();
+	}
 }

@@ -21,6 +21,7 @@
 
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "storage/latch.h"
 #include "utils/timestamp.h"
 
 /* SQLSTATEs of the contract that PostgreSQL does not define */
@@ -44,6 +45,28 @@ extern int	points_lock_timeout;
 extern int	points_default_validity;
 extern int	points_archive_after;
 extern int	points_node_id;
+extern char *points_database;
+extern int	points_expire_interval;
+extern int	points_archive_interval;
+extern char *points_kafka_brokers;
+extern char *points_kafka_topic;
+extern char *points_kafka_options;
+extern int	points_queue_interval;
+
+/* shmem.c: state shared by all backends, only when preloaded */
+typedef struct PointsSharedState
+{
+	Latch	   *worker_latch;	/* set to wake the worker; NULL if none */
+} PointsSharedState;
+
+extern PointsSharedState *points_shared;
+extern void PointsShmemInit(void);
+extern void PointsWakeWorker(void);
+extern void PointsNoteEvent(void);
+
+/* worker.c */
+extern void PointsRegisterWorker(void);
+extern PGDLLEXPORT void points_worker_main(Datum main_arg);
 
 /* userlock.c */
 extern void PointsLockUser(int64 user_id);

@@ -1,0 +1,124 @@
+/*-------------------------------------------------------------------------
+ *
+ * shmem.c
+ *	  The extension's shared memory (only when preloaded): where the worker
+ *	  publishes its latch, so that a commit that wrote outbox events can
+ *	  wake it at once instead of waiting for its next round.
+ *
+ * A backend notes that its transaction wrote an event (PointsNoteEvent);
+ * a transaction callback sets the worker's latch when that transaction
+ * commits.  Without the preload there is no shared memory and no worker,
+ * and noting an event costs nothing.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+
+#include "points.h"
+
+PointsSharedState *points_shared = NULL;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+static bool event_written = false;
+static bool callback_registered = false;
+
+static void
+PointsShmemRequest(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(PointsSharedState)));
+}
+
+static void
+PointsShmemStartup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	points_shared = ShmemInitStruct("points", sizeof(PointsSharedState), &found);
+	if (!found)
+		memset(points_shared, 0, sizeof(PointsSharedState));
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * PointsShmemInit
+ *		Called from _PG_init while preloading: ask for and attach the
+ *		shared state.
+ */
+void
+PointsShmemInit(void)
+{
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = PointsShmemRequest;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = PointsShmemStartup;
+}
+
+/*
+ * PointsWakeWorker
+ *		Set the worker's latch, if a worker is running.
+ */
+void
+PointsWakeWorker(void)
+{
+	Latch	   *latch;
+
+	if (points_shared == NULL)
+		return;
+	latch = points_shared->worker_latch;
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+static void
+PointsXactCallback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (event_written)
+				PointsWakeWorker();
+			event_written = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			/* a prepared transaction's events wait for the worker's round */
+			event_written = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * PointsNoteEvent
+ *		The current transaction wrote an outbox event: wake the worker when
+ *		it commits.
+ */
+void
+PointsNoteEvent(void)
+{
+	if (points_shared == NULL)
+		return;
+	if (!callback_registered)
+	{
+		RegisterXactCallback(PointsXactCallback, NULL);
+		callback_registered = true;
+	}
+	event_written = true;
+}

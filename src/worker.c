@@ -1,0 +1,347 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  The background worker: expires due lots and archives old ledger rows
+ *	  on their schedules, in bounded batches, one transaction per batch.
+ *
+ * It is registered by _PG_init when the library is preloaded, connects to
+ * points.database, and sleeps on its latch between rounds.  Every database
+ * round trip goes through WorkerTransaction, which reports the activity,
+ * runs one step in its own transaction, and turns an error into a log line
+ * and a row in points.worker_state (last_error) instead of a crash; the
+ * round is then retried at its next turn.  SIGHUP reloads the settings (a
+ * new points.database restarts the worker); SIGTERM stops it at the next
+ * batch boundary; after a crash the postmaster starts it again and, as every
+ * batch is one transaction, it resumes where it stopped.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "points.h"
+
+/* lots or rows per batch: each batch is one transaction */
+#define WORKER_EXPIRE_BATCH		10000
+#define WORKER_ARCHIVE_BATCH	10000
+/* how often to look again for the extension when it is not installed */
+#define WORKER_NOT_INSTALLED_MS	5000
+
+typedef void (*WorkerStep) (void *arg);
+
+static MemoryContext worker_cxt = NULL;
+static TimestampTz worker_started_at = 0;
+
+static void WorkerRecordError(void *arg);
+
+/*
+ * PointsRegisterWorker
+ *		Register the worker; called by _PG_init while preloading.
+ */
+void
+PointsRegisterWorker(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 5;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "points");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "points_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "points worker");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "points worker");
+	RegisterBackgroundWorker(&worker);
+}
+
+/*
+ * WorkerTransaction
+ *		Run step(arg) in a transaction of its own, with SPI connected and a
+ *		snapshot set.  On error: log it, roll back, record it in
+ *		points.worker_state (when record_error), and return false.
+ */
+static bool
+WorkerTransaction(const char *activity, WorkerStep step, void *arg,
+				  bool record_error)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ErrorData  *volatile edata = NULL;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PG_TRY();
+	{
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		pgstat_report_activity(STATE_RUNNING, activity);
+		step(arg);
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+	}
+	PG_END_TRY();
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	if (edata == NULL)
+		return true;
+
+	ereport(LOG,
+			(errmsg("points worker: %s failed: %s", activity, edata->message)));
+	if (record_error)
+	{
+		char	   *message = psprintf("%s: %s", activity, edata->message);
+
+		(void) WorkerTransaction("points: record error", WorkerRecordError,
+								 message, false);
+	}
+	FreeErrorData(edata);
+	return false;
+}
+
+/* ---- steps: each runs inside WorkerTransaction ---- */
+
+static void
+WorkerRecordError(void *arg)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+
+	values[0] = CStringGetTextDatum((char *) arg);
+	if (SPI_execute_with_args("UPDATE points.worker_state"
+							  " SET last_error = $1, last_error_at = now()",
+							  1, types, values, NULL, false, 0) < 0)
+		elog(ERROR, "points worker: could not record the error");
+}
+
+static void
+StepCheckInstalled(void *arg)
+{
+	*(bool *) arg = OidIsValid(get_extension_oid("points", true));
+}
+
+/* arg: int64 in/out; in: batch size, out: how many were done */
+static void
+StepExpire(void *arg)
+{
+	Oid			types[1] = {INT4OID};
+	Datum		values[1];
+	bool		isnull;
+
+	values[0] = Int32GetDatum((int32) *(int64 *) arg);
+	if (SPI_execute_with_args("SELECT points.expire_due($1)", 1, types, values,
+							  NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "points worker: expire_due failed");
+	*(int64 *) arg = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+												 SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+static void
+StepArchive(void *arg)
+{
+	Oid			types[1] = {INT4OID};
+	Datum		values[1];
+	bool		isnull;
+
+	values[0] = Int32GetDatum((int32) *(int64 *) arg);
+	if (SPI_execute_with_args("SELECT points.archive($1)", 1, types, values,
+							  NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "points worker: archive failed");
+	*(int64 *) arg = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+												 SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+typedef struct RunRecord
+{
+	bool		expire;			/* else archive */
+	int64		count;
+} RunRecord;
+
+static void
+StepRecordRun(void *arg)
+{
+	RunRecord  *r = (RunRecord *) arg;
+	Oid			types[2] = {INT8OID, TIMESTAMPTZOID};
+	Datum		values[2];
+
+	values[0] = Int64GetDatum(r->count);
+	values[1] = TimestampTzGetDatum(worker_started_at);
+	if (SPI_execute_with_args(r->expire ?
+							  "UPDATE points.worker_state SET expire_last_run = now(),"
+							  " expire_last_lots = $1, expire_total_lots = expire_total_lots + $1,"
+							  " started_at = $2" :
+							  "UPDATE points.worker_state SET archive_last_run = now(),"
+							  " archive_last_rows = $1, archive_total_rows = archive_total_rows + $1,"
+							  " started_at = $2",
+							  1 + 1, types, values, NULL, false, 0) < 0)
+		elog(ERROR, "points worker: could not update points.worker_state");
+}
+
+/*
+ * RunBatches
+ *		Run a batch step until a batch does less than a full batch of work
+ *		(or fails, or shutdown is asked for), then record the run.
+ */
+static void
+RunBatches(bool expire)
+{
+	RunRecord	record = {expire, 0};
+	int64		n;
+
+	for (;;)
+	{
+		n = expire ? WORKER_EXPIRE_BATCH : WORKER_ARCHIVE_BATCH;
+		if (!WorkerTransaction(expire ? "points: expire_due" : "points: archive",
+							   expire ? StepExpire : StepArchive, &n, true))
+			break;
+		record.count += n;
+		if (n == 0 || ShutdownRequestPending)
+			break;
+		CHECK_FOR_INTERRUPTS();
+	}
+	(void) WorkerTransaction("points: record run", StepRecordRun, &record, true);
+}
+
+static void
+WorkerDetachLatch(int code, Datum arg)
+{
+	if (points_shared != NULL)
+		points_shared->worker_latch = NULL;
+}
+
+static TimestampTz
+AddMs(TimestampTz t, int64 ms)
+{
+	return t + ms * 1000;
+}
+
+/*
+ * points_worker_main
+ *		The worker's entry point.
+ */
+void
+points_worker_main(Datum main_arg)
+{
+	char	   *database;
+	bool		installed = false;
+	bool		warned = false;
+	TimestampTz last_expire = 0;
+	TimestampTz last_archive = 0;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+
+	worker_started_at = GetCurrentTimestamp();
+	database = MemoryContextStrdup(TopMemoryContext, points_database);
+	BackgroundWorkerInitializeConnection(database, NULL, 0);
+
+	worker_cxt = AllocSetContextCreate(TopMemoryContext, "points worker",
+									   ALLOCSET_DEFAULT_SIZES);
+	if (points_shared != NULL)
+	{
+		points_shared->worker_latch = MyLatch;
+		before_shmem_exit(WorkerDetachLatch, (Datum) 0);
+	}
+	ereport(LOG, (errmsg("points worker started for database \"%s\"", database)));
+
+	while (!ShutdownRequestPending)
+	{
+		TimestampTz now;
+		TimestampTz next;
+		long		timeout;
+
+		MemoryContextReset(worker_cxt);
+		MemoryContextSwitchTo(worker_cxt);
+
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			if (strcmp(database, points_database) != 0)
+			{
+				ereport(LOG,
+						(errmsg("points worker: points.database changed from \"%s\" to \"%s\", restarting",
+								database, points_database)));
+				proc_exit(1);
+			}
+		}
+
+		if (!installed)
+		{
+			(void) WorkerTransaction("points: check extension", StepCheckInstalled,
+									 &installed, false);
+			if (!installed)
+			{
+				if (!warned)
+					ereport(LOG,
+							(errmsg("points worker: extension \"points\" is not installed in database \"%s\", waiting for it",
+									database),
+							 errhint("Run CREATE EXTENSION points in database \"%s\", or set points.database.",
+									 database)));
+				warned = true;
+				(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 WORKER_NOT_INSTALLED_MS, PG_WAIT_EXTENSION);
+				ResetLatch(MyLatch);
+				CHECK_FOR_INTERRUPTS();
+				continue;
+			}
+			warned = false;
+		}
+
+		now = GetCurrentTimestamp();
+		if (now >= AddMs(last_expire, (int64) points_expire_interval * 1000))
+		{
+			last_expire = now;
+			RunBatches(true);
+		}
+		if (!ShutdownRequestPending &&
+			now >= AddMs(last_archive, (int64) points_archive_interval * 1000))
+		{
+			last_archive = now;
+			RunBatches(false);
+		}
+
+		/* extension dropped meanwhile? look again before the next round */
+		(void) WorkerTransaction("points: check extension", StepCheckInstalled,
+								 &installed, false);
+
+		next = Min(AddMs(last_expire, (int64) points_expire_interval * 1000),
+				   AddMs(last_archive, (int64) points_archive_interval * 1000));
+		now = GetCurrentTimestamp();
+		timeout = next > now ? (long) ((next - now + 999) / 1000) : 0;
+		if (timeout > 0)
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 timeout, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+
+	ereport(LOG, (errmsg("points worker stopping")));
+	proc_exit(0);
+}
