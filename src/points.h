@@ -65,7 +65,17 @@ extern void PointsWakeWorker(void);
 extern void PointsNoteEvent(void);
 
 /* worker.c */
+typedef void (*PointsWorkerStep) (void *arg);
 extern void PointsRegisterWorker(void);
+extern bool PointsWorkerTransaction(const char *activity, PointsWorkerStep step,
+									void *arg, bool record_error);
+
+/* kafka.c: the outbox relay, run by the worker */
+extern void PointsKafkaRound(void);
+extern long PointsKafkaWaitMs(void);
+extern int	PointsKafkaSocket(void);
+extern void PointsKafkaReload(void);
+extern void PointsKafkaShutdown(void);
 extern PGDLLEXPORT void points_worker_main(Datum main_arg);
 
 /* userlock.c */

@@ -2,7 +2,8 @@
  *
  * worker.c
  *	  The background worker: expires due lots and archives old ledger rows
- *	  on their schedules, in bounded batches, one transaction per batch.
+ *	  on their schedules, in bounded batches, one transaction per batch, and
+ *	  between them relays the outbox to Kafka (kafka.c).
  *
  * It is registered by _PG_init when the library is preloaded, connects to
  * points.database, and sleeps on its latch between rounds.  Every database
@@ -45,8 +46,6 @@
 /* how often to look again for the extension when it is not installed */
 #define WORKER_NOT_INSTALLED_MS	5000
 
-typedef void (*WorkerStep) (void *arg);
-
 static MemoryContext worker_cxt = NULL;
 static TimestampTz worker_started_at = 0;
 
@@ -78,9 +77,9 @@ PointsRegisterWorker(void)
  *		snapshot set.  On error: log it, roll back, record it in
  *		points.worker_state (when record_error), and return false.
  */
-static bool
-WorkerTransaction(const char *activity, WorkerStep step, void *arg,
-				  bool record_error)
+bool
+PointsWorkerTransaction(const char *activity, PointsWorkerStep step, void *arg,
+						bool record_error)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	ErrorData  *volatile edata = NULL;
@@ -117,7 +116,7 @@ WorkerTransaction(const char *activity, WorkerStep step, void *arg,
 	{
 		char	   *message = psprintf("%s: %s", activity, edata->message);
 
-		(void) WorkerTransaction("points: record error", WorkerRecordError,
+		(void) PointsWorkerTransaction("points: record error", WorkerRecordError,
 								 message, false);
 	}
 	FreeErrorData(edata);
@@ -216,15 +215,17 @@ RunBatches(bool expire)
 	for (;;)
 	{
 		n = expire ? WORKER_EXPIRE_BATCH : WORKER_ARCHIVE_BATCH;
-		if (!WorkerTransaction(expire ? "points: expire_due" : "points: archive",
+		if (!PointsWorkerTransaction(expire ? "points: expire_due" : "points: archive",
 							   expire ? StepExpire : StepArchive, &n, true))
 			break;
 		record.count += n;
 		if (n == 0 || ShutdownRequestPending)
 			break;
+		/* a long backlog must not hold up the events */
+		PointsKafkaRound();
 		CHECK_FOR_INTERRUPTS();
 	}
-	(void) WorkerTransaction("points: record run", StepRecordRun, &record, true);
+	(void) PointsWorkerTransaction("points: record run", StepRecordRun, &record, true);
 }
 
 static void
@@ -275,6 +276,7 @@ points_worker_main(Datum main_arg)
 		TimestampTz now;
 		TimestampTz next;
 		long		timeout;
+		long		kafka_wait;
 
 		MemoryContextReset(worker_cxt);
 		MemoryContextSwitchTo(worker_cxt);
@@ -283,6 +285,7 @@ points_worker_main(Datum main_arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
+			PointsKafkaReload();
 			if (strcmp(database, points_database) != 0)
 			{
 				ereport(LOG,
@@ -294,7 +297,7 @@ points_worker_main(Datum main_arg)
 
 		if (!installed)
 		{
-			(void) WorkerTransaction("points: check extension", StepCheckInstalled,
+			(void) PointsWorkerTransaction("points: check extension", StepCheckInstalled,
 									 &installed, false);
 			if (!installed)
 			{
@@ -327,21 +330,34 @@ points_worker_main(Datum main_arg)
 			RunBatches(false);
 		}
 
+		PointsKafkaRound();
+
 		/* extension dropped meanwhile? look again before the next round */
-		(void) WorkerTransaction("points: check extension", StepCheckInstalled,
-								 &installed, false);
+		(void) PointsWorkerTransaction("points: check extension", StepCheckInstalled,
+									   &installed, false);
 
 		next = Min(AddMs(last_expire, (int64) points_expire_interval * 1000),
 				   AddMs(last_archive, (int64) points_archive_interval * 1000));
 		now = GetCurrentTimestamp();
 		timeout = next > now ? (long) ((next - now + 999) / 1000) : 0;
+		kafka_wait = PointsKafkaWaitMs();
+		if (kafka_wait >= 0 && kafka_wait < timeout)
+			timeout = kafka_wait;
 		if (timeout > 0)
-			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 timeout, PG_WAIT_EXTENSION);
+		{
+			int			events = WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH;
+			int			sock = PointsKafkaSocket();
+
+			if (sock >= 0)
+				events |= WL_SOCKET_READABLE;
+			(void) WaitLatchOrSocket(MyLatch, events, sock, timeout,
+									 PG_WAIT_EXTENSION);
+		}
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 	}
 
 	ereport(LOG, (errmsg("points worker stopping")));
+	PointsKafkaShutdown();
 	proc_exit(0);
 }
