@@ -17,11 +17,11 @@ suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(regress pgtap stress tap)
 
 suite_regress() {
-    pg_virtualenv -o "$PRELOAD" -c '-p 5451' make -s installcheck
+    pg_virtualenv -t -o "$PRELOAD" -c '-p 5451' make -s installcheck
 }
 
 suite_pgtap() {
-    pg_virtualenv -o "$PRELOAD" -c '-p 5452' sh -c \
+    pg_virtualenv -t -o "$PRELOAD" -c '-p 5452' sh -c \
         'psql -qX -c "CREATE EXTENSION points" -c "CREATE EXTENSION pgtap" && pg_prove test/pgtap/*.sql'
 }
 
