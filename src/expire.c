@@ -5,18 +5,19 @@
  *	  expires_at has passed.
  *
  * Expiry is exact without this job (balance and use ignore expired lots);
- * the job makes it visible in the ledger and as events.  It works user by
- * user: it only tries each user's lock and skips a user that is busy, so
- * it never waits for a caller and never takes part in a deadlock, and it
- * locks at most POINTS_BATCH_MAX_USERS users per call so that a backlog
- * cannot fill the shared lock table.  Each expired lot becomes one "expire"
- * transaction with metadata {"lot_id": N}.
+ * the job makes it visible in the ledger and as events.  It only tries
+ * each user's lock and skips a user that is busy, so it never waits for a
+ * caller and never takes part in a deadlock, and it locks at most
+ * POINTS_BATCH_MAX_USERS users per call so that a backlog cannot fill the
+ * shared lock table.  Each expired lot becomes one "expire" transaction
+ * with metadata {"lot_id": N}.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "catalog/pg_type.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
@@ -26,72 +27,33 @@
 PG_FUNCTION_INFO_V1(points_expire_due);
 
 static SPIPlanPtr plan_due_users;
+static SPIPlanPtr plan_accounts;
 static SPIPlanPtr plan_take_lots;
 
-/*
- * ExpireUser
- *		Expire up to max_lots due lots of one user, whose lock is held.
- *		Returns how many lots were expired.
- */
-static int64
-ExpireUser(int64 user_id, TimestampTz now, int64 max_lots)
+typedef struct AccountState
 {
-	static const Oid types[3] = {INT8OID, TIMESTAMPTZOID, INT8OID};
-	Datum		values[3];
-	PointsAccount acct;
-	int64	   *lots;
-	int64	   *amounts;
-	int64		n;
-	int64		i;
+	int64		user_id;
+	int64		balance;
+	int64		last_seq;
+} AccountState;
 
-	PointsLockAccount(user_id, false, &acct);
-	if (!acct.exists)
-		return 0;
+static int
+CompareAccount(const void *a, const void *b)
+{
+	int64		x = ((const AccountState *) a)->user_id;
+	int64		y = ((const AccountState *) b)->user_id;
 
-	values[0] = Int64GetDatum(user_id);
-	values[1] = TimestampTzGetDatum(now);
-	values[2] = Int64GetDatum(max_lots);
-	PointsPlan(&plan_take_lots,
-			   "WITH d AS ("
-			   "  SELECT lot_id, remaining, expires_at FROM points.lot"
-			   "  WHERE user_id = $1 AND remaining > 0 AND expires_at <= $2"
-			   "  ORDER BY expires_at, lot_id LIMIT $3),"
-			   " u AS ("
-			   "  UPDATE points.lot l SET remaining = 0 FROM d"
-			   "  WHERE l.lot_id = d.lot_id"
-			   "  RETURNING d.lot_id, d.remaining, d.expires_at)"
-			   " SELECT lot_id, remaining FROM u ORDER BY expires_at, lot_id",
-			   3, types);
-	PointsExec(plan_take_lots, values, NULL, false, 0);
-
-	n = (int64) SPI_processed;
-	lots = palloc(sizeof(int64) * (n + 1));
-	amounts = palloc(sizeof(int64) * (n + 1));
-	for (i = 0; i < n; i++)
-	{
-		lots[i] = PointsGetInt64(i, 1, NULL);
-		amounts[i] = PointsGetInt64(i, 2, NULL);
-	}
-	for (i = 0; i < n; i++)
-	{
-		char		meta[64];
-		Datum		metadata;
-
-		snprintf(meta, sizeof(meta), "{\"lot_id\": %lld}", (long long) lots[i]);
-		metadata = DirectFunctionCall1(jsonb_in, CStringGetDatum(meta));
-		PointsAppendTx(&acct, user_id, "expire", -amounts[i], NULL, 0, NULL,
-					   metadata, false, now, 0, false);
-	}
-	pfree(lots);
-	pfree(amounts);
-	return n;
+	return x < y ? -1 : x > y ? 1 : 0;
 }
 
 /*
  * points_expire_due
  *		points.expire_due(max_lots): expire at most max_lots due lots now,
  *		soonest-expired first; returns how many were expired.  Run it again
- *		while it returns max_lots (or leave it to the worker).
+ *		while it returns more than zero (or leave it to the worker).
+ *
+ * Set-based: one statement finds the users, one locks their accounts, one
+ * takes their due lots, and one (batch.c) writes every expire transaction.
  */
 Datum
 points_expire_due(PG_FUNCTION_ARGS)
@@ -99,11 +61,16 @@ points_expire_due(PG_FUNCTION_ARGS)
 	int32		max_lots = PointsArgPositiveInt32(fcinfo, 0, "max_lots");
 	TimestampTz now = GetCurrentTimestamp();
 	static const Oid types[3] = {TIMESTAMPTZOID, INT4OID, INT4OID};
+	static const Oid lock_types[1] = {INT8ARRAYOID};
+	static const Oid lot_types[3] = {INT8ARRAYOID, TIMESTAMPTZOID, INT4OID};
 	Datum		values[3];
-	int64	   *users;
-	int64		nusers;
-	int64		i;
-	int64		expired = 0;
+	Datum	   *locked;
+	int			nlocked = 0;
+	AccountState *accts;
+	int			naccts;
+	PointsTxBatch batch = {0};
+	uint64		i;
+	int64		nlots;
 
 	values[0] = TimestampTzGetDatum(now);
 	values[1] = Int32GetDatum(max_lots);
@@ -118,17 +85,80 @@ points_expire_due(PG_FUNCTION_ARGS)
 			   " GROUP BY user_id ORDER BY min(expires_at) LIMIT $3",
 			   3, types);
 	PointsExec(plan_due_users, values, NULL, false, 0);
-	nusers = (int64) SPI_processed;
-	users = palloc(sizeof(int64) * (nusers + 1));
-	for (i = 0; i < nusers; i++)
-		users[i] = PointsGetInt64(i, 1, NULL);
 
-	for (i = 0; i < nusers && expired < max_lots; i++)
+	/* lock the users that are free now; a busy one waits for a later run */
+	locked = palloc(sizeof(Datum) * (SPI_processed + 1));
+	for (i = 0; i < SPI_processed; i++)
 	{
-		if (!PointsTryLockUser(users[i]))
-			continue;			/* busy: a later run takes it */
-		expired += ExpireUser(users[i], now, max_lots - expired);
+		int64		user_id = PointsGetInt64(i, 1, NULL);
+
+		if (PointsTryLockUser(user_id))
+			locked[nlocked++] = Int64GetDatum(user_id);
 	}
+	if (nlocked == 0)
+	{
+		SPI_finish();
+		PG_RETURN_INT64(0);
+	}
+	values[0] = PointerGetDatum(construct_array(locked, nlocked, INT8OID, 8,
+												true, TYPALIGN_DOUBLE));
+
+	PointsPlan(&plan_accounts,
+			   "SELECT user_id, balance, last_seq FROM points.account"
+			   " WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
+			   1, lock_types);
+	PointsExec(plan_accounts, values, NULL, false, 0);
+	naccts = (int) SPI_processed;
+	accts = palloc(sizeof(AccountState) * (naccts + 1));
+	for (i = 0; i < SPI_processed; i++)
+	{
+		accts[i].user_id = PointsGetInt64(i, 1, NULL);
+		accts[i].balance = PointsGetInt64(i, 2, NULL);
+		accts[i].last_seq = PointsGetInt64(i, 3, NULL);
+	}
+
+	values[1] = TimestampTzGetDatum(now);
+	values[2] = Int32GetDatum(max_lots);
+	PointsPlan(&plan_take_lots,
+			   "WITH d AS ("
+			   "  SELECT l.ctid AS tid, l.lot_id, l.user_id, l.remaining, l.expires_at"
+			   "  FROM unnest($1) u(user_id),"
+			   "       LATERAL (SELECT ctid, * FROM points.lot l"
+			   "                WHERE l.user_id = u.user_id AND l.remaining > 0"
+			   "                AND l.expires_at <= $2) l"
+			   "  ORDER BY l.expires_at, l.lot_id LIMIT $3),"
+			   " u AS ("
+			   "  UPDATE points.lot l SET remaining = 0 FROM d"
+			   "  WHERE l.ctid = d.tid"
+			   "  RETURNING d.lot_id, d.user_id, d.remaining, d.expires_at)"
+			   " SELECT lot_id, user_id, remaining FROM u"
+			   " ORDER BY user_id, expires_at, lot_id",
+			   3, lot_types);
+	PointsExec(plan_take_lots, values, NULL, false, 0);
+
+	/* one expire transaction per lot, in each user's order */
+	nlots = (int64) SPI_processed;
+	for (i = 0; i < SPI_processed; i++)
+	{
+		AccountState key;
+		AccountState *a;
+		int64		lot_id = PointsGetInt64(i, 1, NULL);
+		int64		remaining = PointsGetInt64(i, 3, NULL);
+		char		meta[64];
+
+		key.user_id = PointsGetInt64(i, 2, NULL);
+		a = bsearch(&key, accts, naccts, sizeof(AccountState), CompareAccount);
+		if (a == NULL)
+			elog(ERROR, "points: account of user %lld is missing",
+				 (long long) key.user_id);
+		a->balance -= remaining;
+		a->last_seq++;
+		snprintf(meta, sizeof(meta), "{\"lot_id\": %lld}", (long long) lot_id);
+		PointsBatchAdd(&batch, a->user_id, a->last_seq, "expire", -remaining,
+					   a->balance, NULL, NULL,
+					   DirectFunctionCall1(jsonb_in, CStringGetDatum(meta)), 0);
+	}
+	PointsAppendBatch(&batch, now);
 	SPI_finish();
-	PG_RETURN_INT64(expired);
+	PG_RETURN_INT64(nlots);
 }

@@ -88,8 +88,12 @@ PointsLockAccount(int64 user_id, bool create, PointsAccount *acct)
 	acct->last_seq = acct->exists ? PointsGetInt64(0, 2, NULL) : 0;
 }
 
-static const char *
-EventType(const char *kind)
+/*
+ * PointsEventType
+ *		The event type of a transaction kind.
+ */
+const char *
+PointsEventType(const char *kind)
 {
 	if (strcmp(kind, "earn") == 0)
 		return "points.earned";
@@ -155,7 +159,7 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 	values[10] = TimestampTzGetDatum(created_at);
 	values[11] = TimestampTzGetDatum(lot_expires_at);
 	values[12] = BoolGetDatum(make_lot);
-	values[13] = CStringGetTextDatum(EventType(kind));
+	values[13] = CStringGetTextDatum(PointsEventType(kind));
 
 	PointsPlan(&plan_append,
 			   "WITH t AS ("

@@ -106,11 +106,34 @@ typedef struct PointsAccount
 	int64		next_tx_id;		/* a fresh tx_id, taken under the user lock */
 } PointsAccount;
 
+extern const char *PointsEventType(const char *kind);
 extern void PointsLockAccount(int64 user_id, bool create, PointsAccount *acct);
 extern void PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 						   int64 amount, text *key, int64 cancels_tx,
 						   text *reason, Datum metadata, bool metadata_null,
 						   TimestampTz created_at, TimestampTz lot_expires_at,
 						   bool make_lot);
+
+/* batch.c: many transactions in one statement */
+typedef struct PointsTxBatch
+{
+	int			n;
+	int			cap;
+	int64	   *user_id;
+	int64	   *user_seq;
+	const char **kind;
+	int64	   *amount;
+	int64	   *balance_after;
+	text	  **key;
+	text	  **reason;
+	Datum	   *metadata;		/* (Datum) 0: NULL */
+	TimestampTz *lot_expires;	/* 0: no lot */
+} PointsTxBatch;
+
+extern void PointsBatchAdd(PointsTxBatch *b, int64 user_id, int64 user_seq,
+						   const char *kind, int64 amount, int64 balance_after,
+						   text *key, text *reason, Datum metadata,
+						   TimestampTz lot_expires);
+extern void PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at);
 
 #endif							/* POINTS_H */

@@ -1,0 +1,204 @@
+/*-------------------------------------------------------------------------
+ *
+ * batch.c
+ *	  Appending many transactions in one statement, for the jobs that write
+ *	  in bulk (expiry, queued earns).
+ *
+ * The caller holds the user locks and the account rows, decides every
+ * transaction in memory (user_seq, balance_after), and adds them to a
+ * PointsTxBatch in the order they happen; PointsAppendBatch then writes
+ * all ledger rows, lots, outbox events and account updates at once.  Ids
+ * are taken in batch order, so each user's tx_ids grow with its user_seq,
+ * as on the one-call path (ledger.c).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+
+#include "points.h"
+
+static SPIPlanPtr plan_batch;
+
+/*
+ * PointsBatchAdd
+ *		Append one transaction to the batch.  lot_expires != 0 makes a lot
+ *		(an earn); metadata may be (Datum) 0 for NULL.
+ */
+void
+PointsBatchAdd(PointsTxBatch *b, int64 user_id, int64 user_seq,
+			   const char *kind, int64 amount, int64 balance_after,
+			   text *key, text *reason, Datum metadata,
+			   TimestampTz lot_expires)
+{
+	if (b->n == b->cap)
+	{
+		int			cap = b->cap ? b->cap * 2 : 64;
+
+#define GROW(f) b->f = b->cap ? repalloc(b->f, sizeof(*b->f) * cap) : palloc(sizeof(*b->f) * cap)
+		GROW(user_id);
+		GROW(user_seq);
+		GROW(kind);
+		GROW(amount);
+		GROW(balance_after);
+		GROW(key);
+		GROW(reason);
+		GROW(metadata);
+		GROW(lot_expires);
+#undef GROW
+		b->cap = cap;
+	}
+	b->user_id[b->n] = user_id;
+	b->user_seq[b->n] = user_seq;
+	b->kind[b->n] = kind;
+	b->amount[b->n] = amount;
+	b->balance_after[b->n] = balance_after;
+	b->key[b->n] = key;
+	b->reason[b->n] = reason;
+	b->metadata[b->n] = metadata;
+	b->lot_expires[b->n] = lot_expires;
+	b->n++;
+}
+
+/*
+ * MakeArray
+ *		A one-dimensional array of n elements of elemtype; null where
+ *		nulls[i] (nulls may be NULL).
+ */
+static Datum
+MakeArray(Datum *elems, bool *nulls, int n, Oid elemtype)
+{
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	get_typlenbyvalalign(elemtype, &typlen, &typbyval, &typalign);
+	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs,
+											  elemtype, typlen, typbyval, typalign));
+}
+
+static Datum
+Int64Array(int64 *v, int n)
+{
+	Datum	   *d = palloc(sizeof(Datum) * (n + 1));
+
+	for (int i = 0; i < n; i++)
+		d[i] = Int64GetDatum(v[i]);
+	return MakeArray(d, NULL, n, INT8OID);
+}
+
+/*
+ * PointsAppendBatch
+ *		Write every transaction of the batch, with its lot (earns), its
+ *		outbox event, and each account's final balance and user_seq.  On
+ *		return SPI_tuptable holds (ord, tx_id) for each, ord being the
+ *		1-based position in the batch.
+ */
+void
+PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
+{
+	static const Oid types[13] = {
+		INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID, INT8ARRAYOID,
+		TEXTARRAYOID, TEXTARRAYOID, JSONBARRAYOID, TIMESTAMPTZARRAYOID,
+		INT8OID, TIMESTAMPTZOID, INT4OID, TEXTARRAYOID
+	};
+	Datum		values[13];
+	Datum	   *d;
+	bool	   *nulls;
+	int			n = b->n;
+	int			i;
+
+	if (n == 0)
+		return;
+	d = palloc(sizeof(Datum) * n);
+	nulls = palloc(sizeof(bool) * n);
+
+	values[0] = Int64Array(b->user_id, n);
+	values[1] = Int64Array(b->user_seq, n);
+	for (i = 0; i < n; i++)
+		d[i] = CStringGetTextDatum(b->kind[i]);
+	values[2] = MakeArray(d, NULL, n, TEXTOID);
+	values[3] = Int64Array(b->amount, n);
+	values[4] = Int64Array(b->balance_after, n);
+	for (i = 0; i < n; i++)
+	{
+		nulls[i] = b->key[i] == NULL;
+		d[i] = PointerGetDatum(b->key[i]);
+	}
+	values[5] = MakeArray(d, nulls, n, TEXTOID);
+	for (i = 0; i < n; i++)
+	{
+		nulls[i] = b->reason[i] == NULL;
+		d[i] = PointerGetDatum(b->reason[i]);
+	}
+	values[6] = MakeArray(d, nulls, n, TEXTOID);
+	for (i = 0; i < n; i++)
+	{
+		nulls[i] = b->metadata[i] == (Datum) 0;
+		d[i] = b->metadata[i];
+	}
+	values[7] = MakeArray(d, nulls, n, JSONBOID);
+	for (i = 0; i < n; i++)
+	{
+		nulls[i] = b->lot_expires[i] == 0;
+		d[i] = TimestampTzGetDatum(b->lot_expires[i]);
+	}
+	values[8] = MakeArray(d, nulls, n, TIMESTAMPTZOID);
+	values[9] = Int64GetDatum((int64) points_node_id);
+	values[10] = TimestampTzGetDatum(created_at);
+	values[11] = Int32GetDatum(n);
+	for (i = 0; i < n; i++)
+		d[i] = CStringGetTextDatum(PointsEventType(b->kind[i]));
+	values[12] = MakeArray(d, NULL, n, TEXTOID);
+
+	PointsPlan(&plan_batch,
+			   "WITH x AS ("
+			   "  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $13)"
+			   "    WITH ORDINALITY AS x(user_id, user_seq, kind, amount, balance_after,"
+			   "                         key, reason, metadata, lot_expires, type, ord)),"
+			   " n AS ("
+			   "  SELECT s.*, ($10 << 40) + nextval('points.tx_seq'::regclass) AS tx_id"
+			   "  FROM (SELECT * FROM x ORDER BY ord) s),"
+			   " t AS ("
+			   "  INSERT INTO points.ledger (tx_id, user_id, user_seq, kind, amount,"
+			   "    balance_after, idempotency_key, cancels_tx, reason, metadata, created_at)"
+			   "  SELECT tx_id, user_id, user_seq, kind, amount, balance_after, key, NULL,"
+			   "         reason, metadata, $11 FROM n"
+			   "  RETURNING tx_id),"
+			   " l AS ("
+			   "  INSERT INTO points.lot (lot_id, user_id, amount, remaining, expires_at)"
+			   "  SELECT tx_id, user_id, amount, amount, lot_expires FROM n"
+			   "  WHERE lot_expires IS NOT NULL),"
+			   " o AS ("
+			   "  INSERT INTO points.outbox (id, aggregateid, type, payload, created_at)"
+			   "  SELECT n.tx_id, n.user_id::text, n.type,"
+			   "         jsonb_build_object("
+			   "           'event_id', n.tx_id, 'type', n.type, 'user_id', n.user_id,"
+			   "           'user_seq', n.user_seq, 'tx_id', n.tx_id, 'kind', n.kind,"
+			   "           'amount', n.amount, 'balance_after', n.balance_after,"
+			   "           'occurred_at', to_char($11 AT TIME ZONE 'UTC',"
+			   "                                  'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
+			   "           'idempotency_key', n.key, 'cancels_tx', NULL,"
+			   "           'reason', n.reason, 'metadata', n.metadata),"
+			   "         $11"
+			   "  FROM n),"
+			   " a AS ("
+			   "  UPDATE points.account a"
+			   "  SET balance = f.balance_after, last_seq = f.user_seq, updated_at = $11"
+			   "  FROM (SELECT DISTINCT ON (user_id) user_id, balance_after, user_seq"
+			   "        FROM x ORDER BY user_id, ord DESC) f"
+			   "  WHERE a.user_id = f.user_id)"
+			   " SELECT ord::int4, tx_id FROM n WHERE $12 > 0",
+			   13, types);
+	PointsExec(plan_batch, values, NULL, false, 0);
+	if (SPI_processed != (uint64) n)
+		elog(ERROR, "points: batch append wrote %llu of %d transactions",
+			 (unsigned long long) SPI_processed, n);
+	PointsNoteEvent();
+}
