@@ -113,6 +113,33 @@ CREATE TABLE points.outbox (
 );
 
 /*
+ * Queued earns (points.earn_async): applied by the worker or by
+ * points.apply_queued.  Rows that are no longer queued are kept for
+ * points.archive_after, then deleted by points.archive.
+ */
+CREATE SEQUENCE points.request_seq MINVALUE 1 MAXVALUE 1099511627775 NO CYCLE;
+CREATE TABLE points.request (
+    request_id      bigint PRIMARY KEY,
+    user_id         bigint NOT NULL,
+    amount          bigint NOT NULL CHECK (amount > 0),
+    idempotency_key text,
+    expires_at      timestamptz NOT NULL,
+    reason          text,
+    metadata        jsonb,
+    state           text NOT NULL DEFAULT 'queued'
+                    CHECK (state IN ('queued', 'applied', 'rejected')),
+    tx_id           bigint,
+    error           text,
+    queued_at       timestamptz NOT NULL,
+    applied_at      timestamptz
+);
+/* the queue: oldest first, and per user */
+CREATE INDEX request_queued_idx ON points.request (request_id) WHERE state = 'queued';
+CREATE INDEX request_user_idx ON points.request (user_id, request_id) WHERE state = 'queued';
+/* finished requests, for retention and the last minute's counts */
+CREATE INDEX request_done_idx ON points.request (applied_at) WHERE state <> 'queued';
+
+/*
  * What the background worker did last: one row, updated by the worker after
  * each run (worker.c).  Read it through the view points.worker_status.
  */
@@ -126,6 +153,8 @@ CREATE TABLE points.worker_state (
     archive_last_rows   bigint NOT NULL DEFAULT 0,
     archive_total_rows  bigint NOT NULL DEFAULT 0,
     events_published    bigint NOT NULL DEFAULT 0,
+    queue_last_run      timestamptz,
+    queue_last_requests bigint NOT NULL DEFAULT 0,
     kafka_last_error    text,
     kafka_last_error_at timestamptz,
     last_error          text,
@@ -157,6 +186,16 @@ SELECT (SELECT a.pid FROM pg_catalog.pg_stat_activity a
        pg_catalog.now() OPERATOR(pg_catalog.-)
            (SELECT pg_catalog.min(o.created_at) FROM points.outbox o) AS outbox_oldest_age,
        s.events_published,
+       (SELECT pg_catalog.count(*) FROM points.request r WHERE r.state = 'queued') AS queue_depth,
+       pg_catalog.now() OPERATOR(pg_catalog.-)
+           (SELECT pg_catalog.min(r.queued_at) FROM points.request r
+            WHERE r.state = 'queued') AS queue_oldest_age,
+       (SELECT pg_catalog.count(*) FROM points.request r
+        WHERE r.state = 'applied' AND r.applied_at > pg_catalog.now() OPERATOR(pg_catalog.-) '1 minute'::interval) AS queue_applied_last_minute,
+       (SELECT pg_catalog.count(*) FROM points.request r
+        WHERE r.state = 'rejected' AND r.applied_at > pg_catalog.now() OPERATOR(pg_catalog.-) '1 minute'::interval) AS queue_rejected_last_minute,
+       s.queue_last_run,
+       s.queue_last_requests,
        s.kafka_last_error,
        s.kafka_last_error_at,
        s.last_error,
@@ -206,6 +245,27 @@ RETURNS TABLE(lot_id bigint, remaining bigint, expires_at timestamptz)
 AS 'MODULE_PATHNAME', 'points_expiring'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 ROWS 10;
+
+CREATE FUNCTION points.earn_async(user_id bigint, amount bigint,
+                                  idempotency_key text DEFAULT NULL,
+                                  expires_at timestamptz DEFAULT NULL,
+                                  reason text DEFAULT NULL,
+                                  metadata jsonb DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'points_earn_async'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION points.request(request_id bigint)
+RETURNS TABLE(request_id bigint, user_id bigint, state text, tx_id bigint, error text,
+              queued_at timestamptz, applied_at timestamptz)
+AS 'MODULE_PATHNAME', 'points_request'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+ROWS 1;
+
+CREATE FUNCTION points.apply_queued(max_requests int DEFAULT 10000)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'points_apply_queued'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 CREATE FUNCTION points.expire_due(max_lots int DEFAULT 10000)
 RETURNS bigint

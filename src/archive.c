@@ -9,7 +9,9 @@
  * statement (DELETE ... RETURNING feeding INSERT), so every reader sees it
  * in exactly one of the two tables; history, verify, cancel and the
  * idempotency check read both.  Concurrent archive calls skip each other's
- * rows (SKIP LOCKED).
+ * rows (SKIP LOCKED).  Finished queued-earn requests (points.request) older
+ * than the same cutoff are deleted too: points.request answers for them
+ * that long.
  *
  *-------------------------------------------------------------------------
  */
@@ -23,6 +25,7 @@
 PG_FUNCTION_INFO_V1(points_archive);
 
 static SPIPlanPtr plan_archive;
+static SPIPlanPtr plan_requests;
 
 /*
  * points_archive
@@ -56,6 +59,15 @@ points_archive(PG_FUNCTION_ARGS)
 			   2, types);
 	PointsExec(plan_archive, values, NULL, false, 0);
 	moved = SPI_processed;
+
+	/* finished queued-earn requests are kept as long as ledger rows */
+	PointsPlan(&plan_requests,
+			   "DELETE FROM points.request WHERE request_id IN ("
+			   "  SELECT request_id FROM points.request"
+			   "  WHERE state <> 'queued' AND applied_at < $1"
+			   "  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+			   2, types);
+	PointsExec(plan_requests, values, NULL, false, 0);
 	SPI_finish();
 	PG_RETURN_INT64((int64) moved);
 }

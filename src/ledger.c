@@ -210,6 +210,19 @@ KindOperation(const char *kind)
 }
 
 /*
+ * PointsKeyConflict
+ *		The message of PT002: key of user_id was used by another transaction.
+ */
+char *
+PointsKeyConflict(text *key, int64 user_id, int64 tx_id, const char *kind,
+				  int64 amount)
+{
+	return psprintf("idempotency key \"%s\" of user %lld was already used by transaction %lld (%s of %lld points)",
+					text_to_cstring(key), (long long) user_id, (long long) tx_id,
+					kind, (long long) amount);
+}
+
+/*
  * LookupKey
  *		If user_id already used key, either return true with *result set to
  *		the original transaction (replayed = true), when it was the same
@@ -256,10 +269,9 @@ LookupKey(FunctionCallInfo fcinfo, MemoryContext outer, int64 user_id,
 			snprintf(what, sizeof(what), " of transaction %lld", (long long) target);
 		ereport(ERROR,
 				(errcode(ERRCODE_POINTS_KEY_MISMATCH),
-				 errmsg("idempotency key \"%s\" of user %lld was already used by transaction %lld (%s of %lld points)",
-						text_to_cstring(key), (long long) user_id,
-						(long long) PointsGetInt64(0, TXC_TX_ID, NULL),
-						kind, (long long) prev_amount),
+				 errmsg("%s", PointsKeyConflict(key, user_id,
+												PointsGetInt64(0, TXC_TX_ID, NULL),
+												kind, prev_amount)),
 				 amount >= 0 ?
 				 errdetail("This call is %s%s of %lld points.", op, what,
 						   (long long) amount) :
@@ -301,6 +313,35 @@ ArgMetadata(FunctionCallInfo fcinfo, int argno, bool *isnull)
 }
 
 /*
+ * PointsEarnArgs
+ *		Read and check the arguments of points.earn, which points.earn_async
+ *		shares (same names, positions and SQLSTATEs).
+ */
+void
+PointsEarnArgs(FunctionCallInfo fcinfo, TimestampTz now, PointsEarnRequest *req)
+{
+	req->user_id = PointsArgInt64(fcinfo, 0, "user_id");
+	req->amount = PointsArgInt64(fcinfo, 1, "amount");
+	req->key = PointsArgText(fcinfo, 2, "idempotency_key", POINTS_MAX_KEY_BYTES);
+	req->reason = PointsArgText(fcinfo, 4, "reason", POINTS_MAX_REASON_BYTES);
+	req->metadata = ArgMetadata(fcinfo, 5, &req->metadata_null);
+	CheckAmount(req->amount, "earn", "user", req->user_id);
+	if (PG_ARGISNULL(3))
+		req->expires_at = PointsTimestampPlusSeconds(now, points_default_validity);
+	else
+	{
+		req->expires_at = PG_GETARG_TIMESTAMPTZ(3);
+		if (req->expires_at <= now)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("expires_at %s is not in the future, for earn of %lld points by user %lld",
+							timestamptz_to_str(req->expires_at), (long long) req->amount,
+							(long long) req->user_id),
+					 errhint("Pass NULL for points.default_validity, or 'infinity' for points that never expire.")));
+	}
+}
+
+/*
  * points_earn
  *		points.earn(user_id, amount, idempotency_key, expires_at, reason,
  *		metadata): add a lot of amount points to the user.
@@ -308,48 +349,31 @@ ArgMetadata(FunctionCallInfo fcinfo, int argno, bool *isnull)
 Datum
 points_earn(PG_FUNCTION_ARGS)
 {
-	int64		user_id = PointsArgInt64(fcinfo, 0, "user_id");
-	int64		amount = PointsArgInt64(fcinfo, 1, "amount");
-	text	   *key = PointsArgText(fcinfo, 2, "idempotency_key", POINTS_MAX_KEY_BYTES);
-	text	   *reason = PointsArgText(fcinfo, 4, "reason", POINTS_MAX_REASON_BYTES);
-	bool		metadata_null;
-	Datum		metadata = ArgMetadata(fcinfo, 5, &metadata_null);
 	TimestampTz now = GetCurrentTimestamp();
-	TimestampTz expires_at;
 	MemoryContext outer = CurrentMemoryContext;
+	PointsEarnRequest req;
 	PointsAccount acct;
 	Datum		result;
 
-	CheckAmount(amount, "earn", "user", user_id);
-	if (PG_ARGISNULL(3))
-		expires_at = PointsTimestampPlusSeconds(now, points_default_validity);
-	else
-	{
-		expires_at = PG_GETARG_TIMESTAMPTZ(3);
-		if (expires_at <= now)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("expires_at %s is not in the future, for earn of %lld points by user %lld",
-							timestamptz_to_str(expires_at), (long long) amount,
-							(long long) user_id),
-					 errhint("Pass NULL for points.default_validity, or 'infinity' for points that never expire.")));
-	}
+	PointsEarnArgs(fcinfo, now, &req);
 
 	SPI_connect();
-	if (key && LookupKey(fcinfo, outer, user_id, key, "earn", amount, 0, &result))
+	if (req.key && LookupKey(fcinfo, outer, req.user_id, req.key, "earn",
+							 req.amount, 0, &result))
 	{
 		SPI_finish();
 		PG_RETURN_DATUM(result);
 	}
-	PointsLockUser(user_id);
-	if (key && LookupKey(fcinfo, outer, user_id, key, "earn", amount, 0, &result))
+	PointsLockUser(req.user_id);
+	if (req.key && LookupKey(fcinfo, outer, req.user_id, req.key, "earn",
+							 req.amount, 0, &result))
 	{
 		SPI_finish();
 		PG_RETURN_DATUM(result);
 	}
-	PointsLockAccount(user_id, true, &acct);
-	PointsAppendTx(&acct, user_id, "earn", amount, key, 0, reason,
-				   metadata, metadata_null, now, expires_at, true);
+	PointsLockAccount(req.user_id, true, &acct);
+	PointsAppendTx(&acct, req.user_id, "earn", req.amount, req.key, 0, req.reason,
+				   req.metadata, req.metadata_null, now, req.expires_at, true);
 	result = PointsRowToComposite(fcinfo, outer, 0);
 	SPI_finish();
 	PG_RETURN_DATUM(result);

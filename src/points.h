@@ -106,7 +106,23 @@ typedef struct PointsAccount
 	int64		next_tx_id;		/* a fresh tx_id, taken under the user lock */
 } PointsAccount;
 
+/* the checked arguments of earn and earn_async */
+typedef struct PointsEarnRequest
+{
+	int64		user_id;
+	int64		amount;
+	text	   *key;
+	TimestampTz expires_at;
+	text	   *reason;
+	Datum		metadata;
+	bool		metadata_null;
+} PointsEarnRequest;
+
+extern void PointsEarnArgs(FunctionCallInfo fcinfo, TimestampTz now,
+						   PointsEarnRequest *req);
 extern const char *PointsEventType(const char *kind);
+extern char *PointsKeyConflict(text *key, int64 user_id, int64 tx_id,
+							   const char *kind, int64 amount);
 extern void PointsLockAccount(int64 user_id, bool create, PointsAccount *acct);
 extern void PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 						   int64 amount, text *key, int64 cancels_tx,

@@ -2,8 +2,10 @@
  *
  * worker.c
  *	  The background worker: expires due lots and archives old ledger rows
- *	  on their schedules, in bounded batches, one transaction per batch, and
- *	  between them relays the outbox to Kafka (kafka.c).
+ *	  on their schedules, applies queued earns (woken by the commit that
+ *	  queued them, or every points.queue_interval), in bounded batches, one
+ *	  transaction per batch, and between them relays the outbox to Kafka
+ *	  (kafka.c).
  *
  * It is registered by _PG_init when the library is preloaded, connects to
  * points.database, and sleeps on its latch between rounds.  Every database
@@ -40,9 +42,6 @@
 
 #include "points.h"
 
-/* lots or rows per batch: each batch is one transaction */
-#define WORKER_EXPIRE_BATCH		10000
-#define WORKER_ARCHIVE_BATCH	10000
 /* how often to look again for the extension when it is not installed */
 #define WORKER_NOT_INSTALLED_MS	5000
 
@@ -144,88 +143,95 @@ StepCheckInstalled(void *arg)
 	*(bool *) arg = OidIsValid(get_extension_oid("points", true));
 }
 
-/* arg: int64 in/out; in: batch size, out: how many were done */
-static void
-StepExpire(void *arg)
+/* the jobs the worker runs in batches */
+typedef enum WorkerJob
 {
+	JOB_EXPIRE,
+	JOB_ARCHIVE,
+	JOB_QUEUE
+} WorkerJob;
+
+static const struct
+{
+	const char *activity;
+	const char *sql;			/* one batch: $1 is the batch size */
+	int			batch;
+	const char *record;			/* $1 = count, $2 = started_at */
+} worker_jobs[] = {
+	{"points: expire_due", "SELECT points.expire_due($1)", 10000,
+		"UPDATE points.worker_state SET expire_last_run = now(), expire_last_lots = $1,"
+	" expire_total_lots = expire_total_lots + $1, started_at = $2"},
+	{"points: archive", "SELECT points.archive($1)", 10000,
+		"UPDATE points.worker_state SET archive_last_run = now(), archive_last_rows = $1,"
+	" archive_total_rows = archive_total_rows + $1, started_at = $2"},
+	{"points: apply_queued", "SELECT points.apply_queued($1)", 2000,
+		"UPDATE points.worker_state SET queue_last_run = now(), queue_last_requests = $1,"
+	" started_at = $2"},
+};
+
+typedef struct JobStep
+{
+	WorkerJob	job;
+	int64		count;			/* out: what the batch did */
+} JobStep;
+
+static void
+StepBatch(void *arg)
+{
+	JobStep    *j = (JobStep *) arg;
 	Oid			types[1] = {INT4OID};
 	Datum		values[1];
 	bool		isnull;
 
-	values[0] = Int32GetDatum((int32) *(int64 *) arg);
-	if (SPI_execute_with_args("SELECT points.expire_due($1)", 1, types, values,
+	values[0] = Int32GetDatum(worker_jobs[j->job].batch);
+	if (SPI_execute_with_args(worker_jobs[j->job].sql, 1, types, values,
 							  NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "points worker: expire_due failed");
-	*(int64 *) arg = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-												 SPI_tuptable->tupdesc, 1, &isnull));
+		elog(ERROR, "points worker: %s failed", worker_jobs[j->job].activity);
+	j->count = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+										   SPI_tuptable->tupdesc, 1, &isnull));
 }
-
-static void
-StepArchive(void *arg)
-{
-	Oid			types[1] = {INT4OID};
-	Datum		values[1];
-	bool		isnull;
-
-	values[0] = Int32GetDatum((int32) *(int64 *) arg);
-	if (SPI_execute_with_args("SELECT points.archive($1)", 1, types, values,
-							  NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "points worker: archive failed");
-	*(int64 *) arg = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-												 SPI_tuptable->tupdesc, 1, &isnull));
-}
-
-typedef struct RunRecord
-{
-	bool		expire;			/* else archive */
-	int64		count;
-} RunRecord;
 
 static void
 StepRecordRun(void *arg)
 {
-	RunRecord  *r = (RunRecord *) arg;
+	JobStep    *j = (JobStep *) arg;
 	Oid			types[2] = {INT8OID, TIMESTAMPTZOID};
 	Datum		values[2];
 
-	values[0] = Int64GetDatum(r->count);
+	values[0] = Int64GetDatum(j->count);
 	values[1] = TimestampTzGetDatum(worker_started_at);
-	if (SPI_execute_with_args(r->expire ?
-							  "UPDATE points.worker_state SET expire_last_run = now(),"
-							  " expire_last_lots = $1, expire_total_lots = expire_total_lots + $1,"
-							  " started_at = $2" :
-							  "UPDATE points.worker_state SET archive_last_run = now(),"
-							  " archive_last_rows = $1, archive_total_rows = archive_total_rows + $1,"
-							  " started_at = $2",
-							  1 + 1, types, values, NULL, false, 0) < 0)
+	if (SPI_execute_with_args(worker_jobs[j->job].record, 2, types, values,
+							  NULL, false, 0) < 0)
 		elog(ERROR, "points worker: could not update points.worker_state");
 }
 
 /*
  * RunBatches
- *		Run a batch step until a batch does less than a full batch of work
- *		(or fails, or shutdown is asked for), then record the run.
+ *		Run a job's batches until one does nothing (or fails, or shutdown is
+ *		asked for), then record the run.  The queue records only runs that
+ *		did something: it runs every points.queue_interval.
  */
 static void
-RunBatches(bool expire)
+RunBatches(WorkerJob job)
 {
-	RunRecord	record = {expire, 0};
-	int64		n;
+	JobStep		total = {job, 0};
 
 	for (;;)
 	{
-		n = expire ? WORKER_EXPIRE_BATCH : WORKER_ARCHIVE_BATCH;
-		if (!PointsWorkerTransaction(expire ? "points: expire_due" : "points: archive",
-							   expire ? StepExpire : StepArchive, &n, true))
+		JobStep		step = {job, 0};
+
+		if (!PointsWorkerTransaction(worker_jobs[job].activity, StepBatch, &step, true))
 			break;
-		record.count += n;
-		if (n == 0 || ShutdownRequestPending)
+		total.count += step.count;
+		if (step.count == 0 || ShutdownRequestPending)
 			break;
 		/* a long backlog must not hold up the events */
-		PointsKafkaRound();
+		if (job != JOB_QUEUE || step.count >= worker_jobs[job].batch)
+			PointsKafkaRound();
 		CHECK_FOR_INTERRUPTS();
 	}
-	(void) PointsWorkerTransaction("points: record run", StepRecordRun, &record, true);
+	if (job != JOB_QUEUE || total.count > 0)
+		(void) PointsWorkerTransaction("points: record run", StepRecordRun, &total, true);
 }
 
 static void
@@ -253,6 +259,7 @@ points_worker_main(Datum main_arg)
 	bool		warned = false;
 	TimestampTz last_expire = 0;
 	TimestampTz last_archive = 0;
+	TimestampTz last_queue = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
@@ -321,13 +328,19 @@ points_worker_main(Datum main_arg)
 		if (now >= AddMs(last_expire, (int64) points_expire_interval * 1000))
 		{
 			last_expire = now;
-			RunBatches(true);
+			RunBatches(JOB_EXPIRE);
 		}
 		if (!ShutdownRequestPending &&
 			now >= AddMs(last_archive, (int64) points_archive_interval * 1000))
 		{
 			last_archive = now;
-			RunBatches(false);
+			RunBatches(JOB_ARCHIVE);
+		}
+		/* woken by a commit, or points.queue_interval passed */
+		if (!ShutdownRequestPending)
+		{
+			last_queue = now;
+			RunBatches(JOB_QUEUE);
 		}
 
 		PointsKafkaRound();
@@ -338,6 +351,7 @@ points_worker_main(Datum main_arg)
 
 		next = Min(AddMs(last_expire, (int64) points_expire_interval * 1000),
 				   AddMs(last_archive, (int64) points_archive_interval * 1000));
+		next = Min(next, AddMs(last_queue, points_queue_interval));
 		now = GetCurrentTimestamp();
 		timeout = next > now ? (long) ((next - now + 999) / 1000) : 0;
 		kafka_wait = PointsKafkaWaitMs();

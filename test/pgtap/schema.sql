@@ -1,7 +1,7 @@
 -- The schema contract of SPEC.md as pgTAP assertions.
 -- Run with: pg_prove -d DB test/pgtap/*.sql  (the extensions points and pgtap installed)
 BEGIN;
-SELECT plan(118);
+SELECT plan(151);
 
 -- every function: signature with argument names and defaults, return type
 CREATE TEMP TABLE contract (fn text, args text[], sig text, ret text);
@@ -25,7 +25,13 @@ INSERT INTO contract VALUES
  ('expire_due', '{integer}', 'max_lots integer DEFAULT 10000', 'bigint'),
  ('archive', '{integer}', 'max_rows integer DEFAULT 100000', 'bigint'),
  ('verify', '{bigint}', 'user_id bigint DEFAULT NULL::bigint',
-  'TABLE(user_id bigint, balance bigint, lots_remaining bigint, ledger_sum bigint)');
+  'TABLE(user_id bigint, balance bigint, lots_remaining bigint, ledger_sum bigint)'),
+ ('earn_async', '{bigint,bigint,text,"timestamp with time zone",text,jsonb}',
+  'user_id bigint, amount bigint, idempotency_key text DEFAULT NULL::text, expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, reason text DEFAULT NULL::text, metadata jsonb DEFAULT NULL::jsonb',
+  'bigint'),
+ ('request', '{bigint}', 'request_id bigint',
+  'TABLE(request_id bigint, user_id bigint, state text, tx_id bigint, error text, queued_at timestamp with time zone, applied_at timestamp with time zone)'),
+ ('apply_queued', '{integer}', 'max_requests integer DEFAULT 10000', 'bigint');
 
 SELECT has_function('points', fn, args, 'points.' || fn || ' exists') FROM contract;
 SELECT is(pg_get_function_arguments(format('points.%I(%s)', fn, array_to_string(args, ','))::regprocedure),
@@ -70,23 +76,23 @@ SELECT is((SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extna
 SELECT function_privs_are('points', fn, args, 'public', '{}',
                           'PUBLIC cannot execute points.' || fn) FROM contract;
 SELECT table_privs_are('points', t, 'public', '{}', 'PUBLIC has no privilege on points.' || t)
-FROM unnest('{account,lot,use_lot,ledger,ledger_archive,outbox}'::text[]) t;
+FROM unnest('{account,lot,use_lot,ledger,ledger_archive,outbox,request,worker_state,worker_status}'::text[]) t;
 SELECT schema_privs_are('points', 'public', '{}', 'PUBLIC has no privilege on schema points');
 
 CREATE ROLE pgtap_points_app;
 CREATE ROLE pgtap_points_ops;
 GRANT USAGE ON SCHEMA points TO pgtap_points_app, pgtap_points_ops;
 GRANT EXECUTE ON FUNCTION points.earn, points.use, points.cancel, points.balance,
-      points.history, points.expiring TO pgtap_points_app;
+      points.history, points.expiring, points.earn_async, points.request TO pgtap_points_app;
 GRANT EXECUTE ON FUNCTION points.expire_due, points.archive, points.verify,
-      points.balance, points.history TO pgtap_points_ops;
+      points.balance, points.history, points.apply_queued TO pgtap_points_ops;
 
 SELECT function_privs_are('points', fn, args, 'pgtap_points_app',
-    CASE WHEN fn IN ('earn', 'use', 'cancel', 'balance', 'history', 'expiring')
+    CASE WHEN fn IN ('earn', 'use', 'cancel', 'balance', 'history', 'expiring', 'earn_async', 'request')
          THEN '{EXECUTE}' ELSE '{}' END::text[],
     'the app role can execute points.' || fn || ' only if granted') FROM contract;
 SELECT function_privs_are('points', fn, args, 'pgtap_points_ops',
-    CASE WHEN fn IN ('expire_due', 'archive', 'verify', 'balance', 'history')
+    CASE WHEN fn IN ('expire_due', 'archive', 'verify', 'balance', 'history', 'apply_queued')
          THEN '{EXECUTE}' ELSE '{}' END::text[],
     'the operator role can execute points.' || fn || ' only if granted') FROM contract;
 SELECT table_privs_are('points', 'ledger', r, '{}', r || ' cannot read or write points.ledger')

@@ -1,0 +1,84 @@
+-- queued earns: earn_async records, apply_queued applies in request_id order
+CREATE FUNCTION pg_temp.try(q text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN EXECUTE q; RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+  RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM, 'transaction \d+', 'transaction T', 'g');
+END $$;
+
+-- arguments are checked like earn's, with the same SQLSTATEs
+SELECT q, pg_temp.try(q) FROM unnest(ARRAY[
+  'SELECT points.earn_async(NULL, 1)',
+  'SELECT points.earn_async(1101, NULL)',
+  'SELECT points.earn_async(1101, 0)',
+  'SELECT points.earn_async(1101, -1)',
+  'SELECT points.earn_async(1101, 1, expires_at => ''2000-01-01'')',
+  'SELECT points.earn_async(1101, 1, idempotency_key => '''')',
+  'SELECT points.request(NULL)',
+  'SELECT points.apply_queued(NULL)',
+  'SELECT points.apply_queued(0)']) q;
+SELECT count(*) FROM points.request;
+
+-- a rolled-back caller leaves no request
+BEGIN;
+SELECT points.earn_async(1101, 5) > 0 AS queued;
+ROLLBACK;
+SELECT count(*) FROM points.request;
+
+-- queued: nothing in the ledger yet, no lock taken
+CREATE TEMP TABLE r AS
+SELECT g AS n, points.earn_async(1101, g * 10, reason => 'campaign') AS request_id
+FROM generate_series(1, 5) g;
+SELECT n, q.state, q.tx_id IS NULL AS no_tx, q.error FROM r, points.request(r.request_id) q ORDER BY n;
+SELECT points.balance(1101), (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory') AS locks;
+SELECT count(*) FROM points.request(-1);   -- unknown request: no row
+
+-- apply in batches; each request becomes an ordinary earn, in request_id order
+SELECT points.apply_queued(2);
+SELECT points.apply_queued();
+SELECT points.apply_queued();
+SELECT n, q.state, q.error FROM r, points.request(r.request_id) q ORDER BY n;
+SELECT r.n, g.user_seq, g.kind, g.amount, g.balance_after, g.reason
+FROM r JOIN points.ledger g ON g.tx_id = (SELECT tx_id FROM points.request(r.request_id))
+ORDER BY r.n;
+SELECT count(*) AS lots, sum(remaining) FROM points.lot WHERE user_id = 1101;
+SELECT count(*) AS events FROM points.outbox WHERE aggregateid = '1101';
+
+-- idempotency keys: a replay resolves to the first transaction; another amount is rejected (PT002)
+SELECT tx_id AS first_tx FROM points.earn(1102, 100, 'gift-1') \gset
+CREATE TEMP TABLE k AS SELECT * FROM (VALUES
+  (1, points.earn_async(1102, 100, 'gift-1')),
+  (2, points.earn_async(1102, 100, 'gift-2')),
+  (3, points.earn_async(1102, 100, 'gift-2')),
+  (4, points.earn_async(1102, 999, 'gift-2')),
+  (5, points.earn_async(1102, 999, 'gift-1'))) v(n, request_id);
+SELECT points.apply_queued();
+SELECT k.n, q.state, q.tx_id = :first_tx AS is_first_tx,
+       regexp_replace(q.error, 'transaction \d+', 'transaction T') AS error
+FROM k, points.request(k.request_id) q ORDER BY k.n;
+SELECT (SELECT tx_id FROM points.request((SELECT request_id FROM k WHERE n = 2)))
+     = (SELECT tx_id FROM points.request((SELECT request_id FROM k WHERE n = 3))) AS same_tx;
+SELECT user_seq, amount, idempotency_key FROM points.history(1102) ORDER BY user_seq;
+
+-- an expires_at that has passed by the time the request is applied: rejected
+SELECT points.earn_async(1103, 7, expires_at => clock_timestamp() + interval '100 ms') AS late \gset
+SELECT pg_sleep(0.2);
+SELECT points.apply_queued();
+SELECT state, error ~ 'had passed when the request was applied' AS expired, tx_id FROM points.request(:late);
+SELECT points.balance(1103);
+
+-- overflow at apply: rejected with the message of 22003
+SELECT amount FROM points.earn(1104, 9223372036854775000);
+SELECT points.earn_async(1104, 1000) AS big \gset
+SELECT points.apply_queued();
+SELECT state, error FROM points.request(:big);
+
+-- the same campaign queued twice changes no balance the second time
+SELECT count(points.earn_async(u, 100, idempotency_key => 'campaign-1')) FROM generate_series(1110, 1119) u;
+SELECT points.apply_queued();
+SELECT count(points.earn_async(u, 100, idempotency_key => 'campaign-1')) FROM generate_series(1110, 1119) u;
+SELECT points.apply_queued();
+SELECT sum(points.balance(u)) FROM generate_series(1110, 1119) u;
+SELECT state, count(*) FROM points.request WHERE user_id BETWEEN 1110 AND 1119 GROUP BY state;
+
+SELECT count(*) FROM points.request WHERE state = 'queued';
+SELECT * FROM points.verify();

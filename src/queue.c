@@ -1,0 +1,489 @@
+/*-------------------------------------------------------------------------
+ *
+ * queue.c
+ *	  Queued earns: points.earn_async records a request without locking
+ *	  the user; points.apply_queued (the worker, or pg_cron) applies queued
+ *	  requests in set-based batches; points.request tells a request's fate.
+ *
+ * Words:
+ *	  request - a row of points.request: 'queued', then 'applied' (with the
+ *	            tx_id of its earn) or 'rejected' (with the error's message)
+ *	  batch   - one apply_queued call: one transaction, at most
+ *	            POINTS_BATCH_MAX_USERS users, at most max_requests requests
+ *
+ * A batch takes each user's lock only if it is free (a busy user's requests
+ * wait for a later batch), so it never waits for a caller.  Under the locks
+ * it reads the users' queued requests in request_id order with a fresh
+ * snapshot, decides each one in memory (idempotency key, expiry, overflow),
+ * writes every earn with one statement (batch.c) and marks the requests
+ * with one more.  Only the holder of a user's lock applies that user's
+ * requests, and the marking only touches rows still 'queued', so a request
+ * is applied at most once even with concurrent batches or after a crash
+ * (a batch is one transaction: all of it, or nothing).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "common/int.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "points.h"
+
+PG_FUNCTION_INFO_V1(points_earn_async);
+PG_FUNCTION_INFO_V1(points_request);
+PG_FUNCTION_INFO_V1(points_apply_queued);
+
+static SPIPlanPtr plan_enqueue;
+static SPIPlanPtr plan_request;
+static SPIPlanPtr plan_queued_users;
+static SPIPlanPtr plan_new_accounts;
+static SPIPlanPtr plan_accounts;
+static SPIPlanPtr plan_requests;
+static SPIPlanPtr plan_keys;
+static SPIPlanPtr plan_mark;
+
+/*
+ * points_earn_async
+ *		points.earn_async(...): queue an earn; returns its request_id.
+ *		Checks its arguments like points.earn and takes no lock.
+ */
+Datum
+points_earn_async(PG_FUNCTION_ARGS)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	PointsEarnRequest req;
+	static const Oid types[8] = {
+		INT8OID, INT8OID, INT8OID, TEXTOID, TIMESTAMPTZOID, TEXTOID, JSONBOID,
+		TIMESTAMPTZOID
+	};
+	Datum		values[8];
+	char		nulls[8] = "        ";
+	int64		request_id;
+
+	PointsEarnArgs(fcinfo, now, &req);
+
+	values[0] = Int64GetDatum((int64) points_node_id);
+	values[1] = Int64GetDatum(req.user_id);
+	values[2] = Int64GetDatum(req.amount);
+	values[3] = PointerGetDatum(req.key);
+	nulls[3] = req.key ? ' ' : 'n';
+	values[4] = TimestampTzGetDatum(req.expires_at);
+	values[5] = PointerGetDatum(req.reason);
+	nulls[5] = req.reason ? ' ' : 'n';
+	values[6] = req.metadata;
+	nulls[6] = req.metadata_null ? 'n' : ' ';
+	values[7] = TimestampTzGetDatum(now);
+
+	SPI_connect();
+	PointsPlan(&plan_enqueue,
+			   "INSERT INTO points.request (request_id, user_id, amount,"
+			   "  idempotency_key, expires_at, reason, metadata, queued_at)"
+			   " VALUES (($1 << 40) + nextval('points.request_seq'::regclass),"
+			   "         $2, $3, $4, $5, $6, $7, $8)"
+			   " RETURNING request_id",
+			   8, types);
+	PointsExec(plan_enqueue, values, nulls, false, 1);
+	request_id = PointsGetInt64(0, 1, NULL);
+	SPI_finish();
+	PointsNoteEvent();			/* wake the worker when this commits */
+	PG_RETURN_INT64(request_id);
+}
+
+/*
+ * points_request
+ *		points.request(request_id): the request's state; no row if unknown.
+ */
+Datum
+points_request(PG_FUNCTION_ARGS)
+{
+	static const Oid types[1] = {INT8OID};
+	Datum		values[1];
+
+	values[0] = Int64GetDatum(PointsArgInt64(fcinfo, 0, "request_id"));
+	SPI_connect();
+	PointsPlan(&plan_request,
+			   "SELECT request_id, user_id, state, tx_id, error, queued_at, applied_at"
+			   " FROM points.request WHERE request_id = $1",
+			   1, types);
+	PointsExec(plan_request, values, NULL, true, 0);
+	PointsReturnRows(fcinfo);
+	SPI_finish();
+	return (Datum) 0;
+}
+
+/* an idempotency key seen in this batch or before: what it resolves to */
+typedef struct KeyEntry
+{
+	int64		user_id;		/* hash key: user_id + key text */
+	char		key[POINTS_MAX_KEY_BYTES + 1];
+	int64		tx_id;			/* the transaction, or 0 while in the batch */
+	int			batch_ord;		/* 1-based position in the batch, or 0 */
+	bool		is_earn;
+	int64		amount;
+	char		kind[16];
+} KeyEntry;
+
+typedef struct AccountState
+{
+	int64		user_id;
+	int64		balance;
+	int64		last_seq;
+} AccountState;
+
+static int
+CompareAccount(const void *a, const void *b)
+{
+	int64		x = ((const AccountState *) a)->user_id;
+	int64		y = ((const AccountState *) b)->user_id;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
+static KeyEntry *
+KeyLookup(HTAB *keys, int64 user_id, text *key, bool *found)
+{
+	KeyEntry	probe;
+	int			len = VARSIZE_ANY_EXHDR(key);
+
+	memset(&probe, 0, offsetof(KeyEntry, tx_id));
+	probe.user_id = user_id;
+	memcpy(probe.key, VARDATA_ANY(key), Min(len, POINTS_MAX_KEY_BYTES));
+	return hash_search(keys, &probe, HASH_ENTER, found);
+}
+
+/*
+ * points_apply_queued
+ *		points.apply_queued(max_requests): apply or reject at most
+ *		max_requests queued requests now; returns how many.
+ */
+Datum
+points_apply_queued(PG_FUNCTION_ARGS)
+{
+	int32		max_requests = PointsArgPositiveInt32(fcinfo, 0, "max_requests");
+	TimestampTz now = GetCurrentTimestamp();
+	static const Oid t_users[3] = {INT4OID, INT4OID, TIMESTAMPTZOID};
+	static const Oid t_arr[2] = {INT8ARRAYOID, TIMESTAMPTZOID};
+	static const Oid t_reqs[2] = {INT8ARRAYOID, INT4OID};
+	static const Oid t_keys[2] = {INT8ARRAYOID, TEXTARRAYOID};
+	static const Oid t_mark[5] = {INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID,
+	TEXTARRAYOID, TIMESTAMPTZOID};
+	Datum		values[5];
+	Datum	   *locked;
+	int			nlocked = 0;
+	AccountState *accts;
+	int			naccts;
+	int			nreq;
+	int64	   *req_id;
+	int64	   *req_user;
+	Datum	   *req_state;
+	int64	   *req_tx;
+	int		   *req_ord;
+	int		   *req_conflict;	/* PT002 against this batch position */
+	text	  **req_key;
+	Datum	   *req_error;
+	bool	   *req_error_null;
+	bool	   *req_tx_null;
+	PointsTxBatch batch = {0};
+	HASHCTL		hctl;
+	HTAB	   *keys;
+	uint64		i;
+	int			r;
+
+	SPI_connect();
+
+	/* the users of the oldest queued requests; take those that are free */
+	values[0] = Int32GetDatum(max_requests);
+	values[1] = Int32GetDatum(POINTS_BATCH_MAX_USERS);
+	PointsPlan(&plan_queued_users,
+			   "SELECT user_id FROM ("
+			   "  SELECT user_id, request_id FROM points.request"
+			   "  WHERE state = 'queued' ORDER BY request_id LIMIT $1) q"
+			   " GROUP BY user_id ORDER BY min(request_id) LIMIT $2",
+			   2, t_users);
+	PointsExec(plan_queued_users, values, NULL, false, 0);
+	locked = palloc(sizeof(Datum) * (SPI_processed + 1));
+	for (i = 0; i < SPI_processed; i++)
+	{
+		int64		user_id = PointsGetInt64(i, 1, NULL);
+
+		if (PointsTryLockUser(user_id))
+			locked[nlocked++] = Int64GetDatum(user_id);
+	}
+	if (nlocked == 0)
+	{
+		SPI_finish();
+		PG_RETURN_INT64(0);
+	}
+	values[0] = PointerGetDatum(construct_array(locked, nlocked, INT8OID, 8,
+												true, TYPALIGN_DOUBLE));
+	values[1] = TimestampTzGetDatum(now);
+
+	/* their accounts, made for new users, locked */
+	PointsPlan(&plan_new_accounts,
+			   "INSERT INTO points.account (user_id, balance, last_seq, created_at, updated_at)"
+			   " SELECT u, 0, 0, $2, $2 FROM unnest($1) u"
+			   " WHERE NOT EXISTS (SELECT FROM points.account a WHERE a.user_id = u)"
+			   " ON CONFLICT (user_id) DO NOTHING",
+			   2, t_arr);
+	PointsExec(plan_new_accounts, values, NULL, false, 0);
+	PointsPlan(&plan_accounts,
+			   "SELECT user_id, balance, last_seq FROM points.account"
+			   " WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
+			   1, t_arr);
+	PointsExec(plan_accounts, values, NULL, false, 0);
+	naccts = (int) SPI_processed;
+	accts = palloc(sizeof(AccountState) * (naccts + 1));
+	for (i = 0; i < SPI_processed; i++)
+	{
+		accts[i].user_id = PointsGetInt64(i, 1, NULL);
+		accts[i].balance = PointsGetInt64(i, 2, NULL);
+		accts[i].last_seq = PointsGetInt64(i, 3, NULL);
+	}
+
+	/* their queued requests, oldest first, read now that we hold the users */
+	values[1] = Int32GetDatum(max_requests);
+	PointsPlan(&plan_requests,
+			   "SELECT r.request_id, r.user_id, r.amount, r.idempotency_key,"
+			   "       r.expires_at, r.reason, r.metadata"
+			   " FROM unnest($1) u(user_id),"
+			   "      LATERAL (SELECT * FROM points.request r"
+			   "               WHERE r.user_id = u.user_id AND r.state = 'queued'"
+			   "               ORDER BY r.request_id LIMIT $2) r"
+			   " ORDER BY r.request_id LIMIT $2",
+			   2, t_reqs);
+	PointsExec(plan_requests, values, NULL, false, 0);
+	nreq = (int) SPI_processed;
+	if (nreq == 0)
+	{
+		SPI_finish();
+		PG_RETURN_INT64(0);
+	}
+
+	{
+		SPITupleTable *reqs = SPI_tuptable;
+		Datum	   *kuser = palloc(sizeof(Datum) * nreq);
+		Datum	   *kkey = palloc(sizeof(Datum) * nreq);
+		int			nkeys = 0;
+
+		req_id = palloc(sizeof(int64) * nreq);
+		req_user = palloc(sizeof(int64) * nreq);
+		req_state = palloc(sizeof(Datum) * nreq);
+		req_tx = palloc0(sizeof(int64) * nreq);
+		req_ord = palloc0(sizeof(int) * nreq);
+		req_conflict = palloc0(sizeof(int) * nreq);
+		req_key = palloc0(sizeof(text *) * nreq);
+		req_error = palloc(sizeof(Datum) * nreq);
+		req_error_null = palloc(sizeof(bool) * nreq);
+		req_tx_null = palloc(sizeof(bool) * nreq);
+
+		/* the keys these requests use, as the ledger already has them */
+		for (r = 0; r < nreq; r++)
+		{
+			bool		isnull;
+			Datum		k = SPI_getbinval(reqs->vals[r], reqs->tupdesc, 4, &isnull);
+
+			if (!isnull)
+			{
+				kuser[nkeys] = SPI_getbinval(reqs->vals[r], reqs->tupdesc, 2, &isnull);
+				kkey[nkeys++] = k;
+			}
+		}
+		memset(&hctl, 0, sizeof(hctl));
+		hctl.keysize = offsetof(KeyEntry, tx_id);
+		hctl.entrysize = sizeof(KeyEntry);
+		hctl.hcxt = CurrentMemoryContext;
+		keys = hash_create("points queued keys", Max(nkeys, 16), &hctl,
+						   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+		if (nkeys > 0)
+		{
+			Datum		kv[2];
+
+			kv[0] = PointerGetDatum(construct_array(kuser, nkeys, INT8OID, 8, true, TYPALIGN_DOUBLE));
+			kv[1] = PointerGetDatum(construct_array(kkey, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
+			PointsPlan(&plan_keys,
+					   "SELECT g.user_id, g.idempotency_key, g.tx_id, g.kind, abs(g.amount)"
+					   " FROM unnest($1, $2) k(user_id, key)"
+					   " JOIN points.ledger g ON g.user_id = k.user_id AND g.idempotency_key = k.key"
+					   " UNION ALL "
+					   "SELECT g.user_id, g.idempotency_key, g.tx_id, g.kind, abs(g.amount)"
+					   " FROM unnest($1, $2) k(user_id, key)"
+					   " JOIN points.ledger_archive g ON g.user_id = k.user_id AND g.idempotency_key = k.key",
+					   2, t_keys);
+			PointsExec(plan_keys, kv, NULL, false, 0);
+			for (i = 0; i < SPI_processed; i++)
+			{
+				bool		found;
+				bool		isnull;
+				text	   *key = DatumGetTextPP(SPI_getbinval(SPI_tuptable->vals[i],
+															   SPI_tuptable->tupdesc, 2, &isnull));
+				KeyEntry   *e = KeyLookup(keys, PointsGetInt64(i, 1, NULL), key, &found);
+				char	   *kind = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 4);
+
+				e->tx_id = PointsGetInt64(i, 3, NULL);
+				e->batch_ord = 0;
+				e->is_earn = strcmp(kind, "earn") == 0;
+				e->amount = PointsGetInt64(i, 5, NULL);
+				strlcpy(e->kind, kind, sizeof(e->kind));
+			}
+		}
+
+		/* decide each request, in request_id order */
+		for (r = 0; r < nreq; r++)
+		{
+			HeapTuple	tup = reqs->vals[r];
+			TupleDesc	desc = reqs->tupdesc;
+			bool		isnull;
+			int64		user_id = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+			int64		amount = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+			Datum		keyd = SPI_getbinval(tup, desc, 4, &isnull);
+			text	   *key = isnull ? NULL : DatumGetTextPP(keyd);
+			TimestampTz expires_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 5, &isnull));
+			Datum		reasond = SPI_getbinval(tup, desc, 6, &isnull);
+			text	   *reason = isnull ? NULL : DatumGetTextPP(reasond);
+			Datum		metadata = SPI_getbinval(tup, desc, 7, &isnull);
+			AccountState probe;
+			AccountState *a;
+			KeyEntry   *e = NULL;
+			bool		found = false;
+			int64		balance = 0;
+			char	   *error = NULL;
+
+			if (isnull)
+				metadata = (Datum) 0;
+			req_id[r] = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+			req_user[r] = user_id;
+			probe.user_id = user_id;
+			a = bsearch(&probe, accts, naccts, sizeof(AccountState), CompareAccount);
+			if (a == NULL)
+				elog(ERROR, "points: account of user %lld is missing", (long long) user_id);
+
+			if (key)
+				e = KeyLookup(keys, user_id, key, &found);
+			if (found && (!e->is_earn || e->amount != amount))
+			{
+				if (e->tx_id == 0)
+				{
+					/* the key's earn is in this batch: message once it has its tx_id */
+					req_state[r] = CStringGetTextDatum("rejected");
+					req_conflict[r] = e->batch_ord;
+					req_error_null[r] = false;
+					req_key[r] = key;
+					continue;
+				}
+				error = PointsKeyConflict(key, user_id, e->tx_id, e->kind, e->amount);
+			}
+			else if (found)
+			{
+				/* a replay: resolves to that earn */
+				req_state[r] = CStringGetTextDatum("applied");
+				req_tx[r] = e->tx_id;
+				req_ord[r] = e->batch_ord;
+				req_error_null[r] = true;
+				continue;
+			}
+			else if (expires_at <= now)
+				error = psprintf("expires_at %s had passed when the request was applied, for earn of %lld points by user %lld",
+								 timestamptz_to_str(expires_at), (long long) amount,
+								 (long long) user_id);
+			else if (pg_add_s64_overflow(a->balance, amount, &balance))
+				error = psprintf("balance of user %lld would overflow: %lld + %lld is out of range for bigint",
+								 (long long) user_id, (long long) a->balance,
+								 (long long) amount);
+
+			if (error)
+			{
+				if (e && !found)
+					hash_search(keys, e, HASH_REMOVE, NULL);	/* key stays free */
+				req_state[r] = CStringGetTextDatum("rejected");
+				req_error[r] = CStringGetTextDatum(error);
+				req_error_null[r] = false;
+				continue;
+			}
+
+			a->balance = balance;
+			a->last_seq++;
+			PointsBatchAdd(&batch, user_id, a->last_seq, "earn", amount, balance,
+						   key, reason, metadata, expires_at);
+			req_state[r] = CStringGetTextDatum("applied");
+			req_ord[r] = batch.n;
+			req_error_null[r] = true;
+			if (e)
+			{
+				e->tx_id = 0;
+				e->batch_ord = batch.n;
+				e->is_earn = true;
+				e->amount = amount;
+				strlcpy(e->kind, "earn", sizeof(e->kind));
+			}
+		}
+	}
+
+	/* write the earns, then give each request its tx_id */
+	if (batch.n > 0)
+	{
+		int64	   *tx_of_ord = palloc(sizeof(int64) * (batch.n + 1));
+
+		PointsAppendBatch(&batch, now);
+		for (i = 0; i < SPI_processed; i++)
+		{
+			bool		isnull;
+			int			ord = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i],
+														  SPI_tuptable->tupdesc, 1, &isnull));
+
+			tx_of_ord[ord] = PointsGetInt64(i, 2, NULL);
+		}
+		for (r = 0; r < nreq; r++)
+		{
+			if (req_ord[r] > 0)
+				req_tx[r] = tx_of_ord[req_ord[r]];
+			if (req_conflict[r] > 0)
+				req_error[r] = CStringGetTextDatum(
+					PointsKeyConflict(req_key[r], req_user[r],
+									  tx_of_ord[req_conflict[r]], "earn",
+									  batch.amount[req_conflict[r] - 1]));
+		}
+	}
+	for (r = 0; r < nreq; r++)
+		req_tx_null[r] = req_tx[r] == 0;
+
+	{
+		Datum	   *d = palloc(sizeof(Datum) * nreq);
+		int			dims[1] = {nreq};
+		int			lbs[1] = {1};
+
+		for (r = 0; r < nreq; r++)
+			d[r] = Int64GetDatum(req_id[r]);
+		values[0] = PointerGetDatum(construct_array(d, nreq, INT8OID, 8, true, TYPALIGN_DOUBLE));
+		values[1] = PointerGetDatum(construct_array(req_state, nreq, TEXTOID, -1, false, TYPALIGN_INT));
+		d = palloc(sizeof(Datum) * nreq);
+		for (r = 0; r < nreq; r++)
+			d[r] = Int64GetDatum(req_tx[r]);
+		values[2] = PointerGetDatum(construct_md_array(d, req_tx_null, 1, dims, lbs,
+													   INT8OID, 8, true, TYPALIGN_DOUBLE));
+		for (r = 0; r < nreq; r++)
+			if (req_error_null[r])
+				req_error[r] = (Datum) 0;
+		values[3] = PointerGetDatum(construct_md_array(req_error, req_error_null, 1, dims, lbs,
+													   TEXTOID, -1, false, TYPALIGN_INT));
+		values[4] = TimestampTzGetDatum(now);
+	}
+	PointsPlan(&plan_mark,
+			   "UPDATE points.request r"
+			   " SET state = x.state, tx_id = x.tx_id, error = x.error, applied_at = $5"
+			   " FROM unnest($1, $2, $3, $4) x(request_id, state, tx_id, error)"
+			   " WHERE r.request_id = x.request_id AND r.state = 'queued'",
+			   5, t_mark);
+	PointsExec(plan_mark, values, NULL, false, 0);
+	if (SPI_processed != (uint64) nreq)
+		elog(ERROR, "points: %llu of %d queued requests could be marked",
+			 (unsigned long long) SPI_processed, nreq);
+	SPI_finish();
+	PG_RETURN_INT64(nreq);
+}
