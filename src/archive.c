@@ -32,8 +32,8 @@ static SPIPlanPtr plan_requests;
  *		points.archive(max_rows): archive at most max_rows old ledger rows;
  *		returns how many were moved.
  */
-Datum
-points_archive(PG_FUNCTION_ARGS)
+static Datum
+ArchiveImpl(PG_FUNCTION_ARGS)
 {
 	int32		max_rows = PointsArgPositiveInt32(fcinfo, 0, "max_rows");
 	TimestampTz cutoff = PointsTimestampPlusSeconds(GetCurrentTimestamp(),
@@ -70,4 +70,14 @@ points_archive(PG_FUNCTION_ARGS)
 	PointsExec(plan_requests, values, NULL, false, 0);
 	SPI_finish();
 	PG_RETURN_INT64((int64) moved);
+}
+
+/*
+ * points_archive
+ *		The SQL entry point: ArchiveImpl, counted in points.stats().
+ */
+Datum
+points_archive(PG_FUNCTION_ARGS)
+{
+	return PointsCounted(POINTS_OP_ARCHIVE, ArchiveImpl, fcinfo);
 }

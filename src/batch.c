@@ -200,5 +200,7 @@ PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
 	if (SPI_processed != (uint64) n)
 		elog(ERROR, "points: batch append wrote %llu of %d transactions",
 			 (unsigned long long) SPI_processed, n);
+	for (i = 0; i < n; i++)
+		points_call_points += b->amount[i] < 0 ? -b->amount[i] : b->amount[i];
 	PointsNoteEvent();
 }

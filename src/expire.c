@@ -55,8 +55,8 @@ CompareAccount(const void *a, const void *b)
  * Set-based: one statement finds the users, one locks their accounts, one
  * takes their due lots, and one (batch.c) writes every expire transaction.
  */
-Datum
-points_expire_due(PG_FUNCTION_ARGS)
+static Datum
+ExpireDueImpl(PG_FUNCTION_ARGS)
 {
 	int32		max_lots = PointsArgPositiveInt32(fcinfo, 0, "max_lots");
 	TimestampTz now = GetCurrentTimestamp();
@@ -161,4 +161,14 @@ points_expire_due(PG_FUNCTION_ARGS)
 	PointsAppendBatch(&batch, now);
 	SPI_finish();
 	PG_RETURN_INT64(nlots);
+}
+
+/*
+ * points_expire_due
+ *		The SQL entry point: ExpireDueImpl, counted in points.stats().
+ */
+Datum
+points_expire_due(PG_FUNCTION_ARGS)
+{
+	return PointsCounted(POINTS_OP_EXPIRE, ExpireDueImpl, fcinfo);
 }

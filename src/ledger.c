@@ -195,6 +195,7 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 			 (unsigned long long) SPI_processed);
 	acct->balance = balance_after;
 	acct->last_seq++;
+	points_call_points += amount < 0 ? -amount : amount;
 	PointsNoteEvent();
 }
 
@@ -346,8 +347,8 @@ PointsEarnArgs(FunctionCallInfo fcinfo, TimestampTz now, PointsEarnRequest *req)
  *		points.earn(user_id, amount, idempotency_key, expires_at, reason,
  *		metadata): add a lot of amount points to the user.
  */
-Datum
-points_earn(PG_FUNCTION_ARGS)
+static Datum
+EarnImpl(PG_FUNCTION_ARGS)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	MemoryContext outer = CurrentMemoryContext;
@@ -380,6 +381,16 @@ points_earn(PG_FUNCTION_ARGS)
 }
 
 /*
+ * points_earn
+ *		The SQL entry point: EarnImpl, counted in points.stats().
+ */
+Datum
+points_earn(PG_FUNCTION_ARGS)
+{
+	return PointsCounted(POINTS_OP_EARN, EarnImpl, fcinfo);
+}
+
+/*
  * Spendable
  *		Points of the user's lots that have not expired at "now".
  */
@@ -405,8 +416,8 @@ Spendable(int64 user_id, TimestampTz now)
  *		spend amount points, taking them from the lots that expire soonest
  *		(ties: the oldest lot first), and record what came from which lot.
  */
-Datum
-points_use(PG_FUNCTION_ARGS)
+static Datum
+UseImpl(PG_FUNCTION_ARGS)
 {
 	int64		user_id = PointsArgInt64(fcinfo, 0, "user_id");
 	int64		amount = PointsArgInt64(fcinfo, 1, "amount");
@@ -484,6 +495,16 @@ points_use(PG_FUNCTION_ARGS)
 
 	SPI_finish();
 	PG_RETURN_DATUM(result);
+}
+
+/*
+ * points_use
+ *		The SQL entry point: UseImpl, counted in points.stats().
+ */
+Datum
+points_use(PG_FUNCTION_ARGS)
+{
+	return PointsCounted(POINTS_OP_USE, UseImpl, fcinfo);
 }
 
 /*
@@ -565,8 +586,8 @@ CancelUse(int64 user_id, int64 tx_id, int64 part)
  *		points.cancel(tx_id, amount, idempotency_key, reason): undo all or
  *		part of an earn or a use, as a new transaction of the same user.
  */
-Datum
-points_cancel(PG_FUNCTION_ARGS)
+static Datum
+CancelImpl(PG_FUNCTION_ARGS)
 {
 	int64		tx_id = PointsArgInt64(fcinfo, 0, "tx_id");
 	int64		amount = PG_ARGISNULL(1) ? -1 : PG_GETARG_INT64(1);
@@ -670,4 +691,14 @@ points_cancel(PG_FUNCTION_ARGS)
 	}
 	SPI_finish();
 	PG_RETURN_DATUM(result);
+}
+
+/*
+ * points_cancel
+ *		The SQL entry point: CancelImpl, counted in points.stats().
+ */
+Datum
+points_cancel(PG_FUNCTION_ARGS)
+{
+	return PointsCounted(POINTS_OP_CANCEL, CancelImpl, fcinfo);
 }

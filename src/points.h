@@ -21,6 +21,7 @@
 
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "port/atomics.h"
 #include "storage/latch.h"
 #include "utils/timestamp.h"
 
@@ -53,16 +54,46 @@ extern char *points_kafka_topic;
 extern char *points_kafka_options;
 extern int	points_queue_interval;
 
+/* the operations points.stats() counts */
+typedef enum PointsOp
+{
+	POINTS_OP_EARN,
+	POINTS_OP_USE,
+	POINTS_OP_CANCEL,
+	POINTS_OP_EARN_ASYNC,
+	POINTS_OP_EXPIRE,
+	POINTS_OP_ARCHIVE,
+	POINTS_OP_COUNT
+} PointsOp;
+
+typedef struct PointsOpStats
+{
+	pg_atomic_uint64 calls;
+	pg_atomic_uint64 failures;
+	pg_atomic_uint64 lock_timeouts;
+	pg_atomic_uint64 points;
+	pg_atomic_uint64 total_us;
+	pg_atomic_uint64 max_us;
+	pg_atomic_uint64 lock_wait_us;
+} PointsOpStats;
+
 /* shmem.c: state shared by all backends, only when preloaded */
 typedef struct PointsSharedState
 {
 	Latch	   *worker_latch;	/* set to wake the worker; NULL if none */
+	pg_atomic_uint64 stats_reset;	/* TimestampTz of the last reset */
+	PointsOpStats ops[POINTS_OP_COUNT];
 } PointsSharedState;
 
 extern PointsSharedState *points_shared;
 extern void PointsShmemInit(void);
 extern void PointsWakeWorker(void);
 extern void PointsNoteEvent(void);
+
+/* stats.c: per-operation counters in shared memory */
+extern int64 points_call_points;	/* points the current call moved */
+extern int64 points_call_lock_wait_us;	/* time it waited for the user lock */
+extern Datum PointsCounted(PointsOp op, PGFunction impl, FunctionCallInfo fcinfo);
 
 /* worker.c */
 typedef void (*PointsWorkerStep) (void *arg);
@@ -96,6 +127,8 @@ extern Datum PointsRowToComposite(FunctionCallInfo fcinfo, MemoryContext outer,
 								  int row);
 extern void PointsReturnRows(FunctionCallInfo fcinfo);
 extern TimestampTz PointsTimestampPlusSeconds(TimestampTz t, int64 seconds);
+extern TimestampTz PointsTimestampPlusInterval(TimestampTz t, Interval *iv,
+											   const char *name, int sign);
 
 /* ledger.c: shared by the operations and the jobs */
 typedef struct PointsAccount

@@ -54,8 +54,8 @@ static SPIPlanPtr plan_mark;
  *		points.earn_async(...): queue an earn; returns its request_id.
  *		Checks its arguments like points.earn and takes no lock.
  */
-Datum
-points_earn_async(PG_FUNCTION_ARGS)
+static Datum
+EarnAsyncImpl(PG_FUNCTION_ARGS)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	PointsEarnRequest req;
@@ -92,8 +92,19 @@ points_earn_async(PG_FUNCTION_ARGS)
 	PointsExec(plan_enqueue, values, nulls, false, 1);
 	request_id = PointsGetInt64(0, 1, NULL);
 	SPI_finish();
+	points_call_points = req.amount;
 	PointsNoteEvent();			/* wake the worker when this commits */
 	PG_RETURN_INT64(request_id);
+}
+
+/*
+ * points_earn_async
+ *		The SQL entry point: EarnAsyncImpl, counted in points.stats().
+ */
+Datum
+points_earn_async(PG_FUNCTION_ARGS)
+{
+	return PointsCounted(POINTS_OP_EARN_ASYNC, EarnAsyncImpl, fcinfo);
 }
 
 /*

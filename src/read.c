@@ -92,31 +92,6 @@ points_history(PG_FUNCTION_ARGS)
 }
 
 /*
- * IntervalEnd
- *		now + within, or 'infinity' when that is past the end of time.  A
- *		negative interval is an error.
- */
-static TimestampTz
-IntervalEnd(TimestampTz now, Interval *within)
-{
-	/* an estimate in days is enough to tell the sign and the size */
-	double		days = within->month * (double) DAYS_PER_MONTH + within->day +
-		(double) within->time / USECS_PER_DAY;
-
-	if (days < 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("within must not be negative, got %s",
-						DatumGetCString(DirectFunctionCall1(interval_out,
-															IntervalPGetDatum(within))))));
-	if (days > 100000.0 * DAYS_PER_YEAR)
-		return DT_NOEND;
-	return DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
-												   TimestampTzGetDatum(now),
-												   IntervalPGetDatum(within)));
-}
-
-/*
  * points_expiring
  *		points.expiring(user_id, within): the user's lots with points left
  *		that expire within the interval from now, soonest first.  Lots that
@@ -136,7 +111,7 @@ points_expiring(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("within must not be NULL"),
 				 errhint("Omit it for the default of 30 days.")));
-	until = IntervalEnd(now, PG_GETARG_INTERVAL_P(1));
+	until = PointsTimestampPlusInterval(now, PG_GETARG_INTERVAL_P(1), "within", 1);
 
 	values[0] = Int64GetDatum(user_id);
 	values[1] = TimestampTzGetDatum(now);

@@ -1,9 +1,10 @@
 /*-------------------------------------------------------------------------
  *
  * shmem.c
- *	  The extension's shared memory (only when preloaded): where the worker
- *	  publishes its latch, so that a commit that wrote outbox events can
- *	  wake it at once instead of waiting for its next round.
+ *	  The extension's shared memory (only when preloaded): the counters of
+ *	  points.stats() (stats.c), and where the worker publishes its latch, so
+ *	  that a commit that wrote outbox events or queued earns can wake it at
+ *	  once instead of waiting for its next round.
  *
  * A backend notes that its transaction wrote an event (PointsNoteEvent);
  * a transaction callback sets the worker's latch when that transaction
@@ -20,6 +21,7 @@
 #include "storage/latch.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
+#include "utils/timestamp.h"
 
 #include "points.h"
 
@@ -49,7 +51,22 @@ PointsShmemStartup(void)
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	points_shared = ShmemInitStruct("points", sizeof(PointsSharedState), &found);
 	if (!found)
+	{
 		memset(points_shared, 0, sizeof(PointsSharedState));
+		pg_atomic_init_u64(&points_shared->stats_reset, (uint64) GetCurrentTimestamp());
+		for (int i = 0; i < POINTS_OP_COUNT; i++)
+		{
+			PointsOpStats *s = &points_shared->ops[i];
+
+			pg_atomic_init_u64(&s->calls, 0);
+			pg_atomic_init_u64(&s->failures, 0);
+			pg_atomic_init_u64(&s->lock_timeouts, 0);
+			pg_atomic_init_u64(&s->points, 0);
+			pg_atomic_init_u64(&s->total_us, 0);
+			pg_atomic_init_u64(&s->max_us, 0);
+			pg_atomic_init_u64(&s->lock_wait_us, 0);
+		}
+	}
 	LWLockRelease(AddinShmemInitLock);
 }
 

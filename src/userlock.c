@@ -21,6 +21,7 @@
 #include "storage/lock.h"
 #include "storage/proc.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 #include "points.h"
 
@@ -62,6 +63,7 @@ PointsLockUser(int64 user_id)
 	LOCKTAG		tag;
 	int			saved_timeout = LockTimeout;
 	MemoryContext cxt = CurrentMemoryContext;
+	TimestampTz wait_start;
 
 	SetUserLockTag(&tag, user_id);
 
@@ -70,6 +72,7 @@ PointsLockUser(int64 user_id)
 		return;
 
 	LockTimeout = points_lock_timeout;
+	wait_start = GetCurrentTimestamp();
 	PG_TRY();
 	{
 		(void) LockAcquire(&tag, ExclusiveLock, false, false);
@@ -79,6 +82,7 @@ PointsLockUser(int64 user_id)
 		ErrorData  *edata;
 
 		LockTimeout = saved_timeout;
+		points_call_lock_wait_us += GetCurrentTimestamp() - wait_start;
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
 		if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
@@ -94,4 +98,5 @@ PointsLockUser(int64 user_id)
 	}
 	PG_END_TRY();
 	LockTimeout = saved_timeout;
+	points_call_lock_wait_us += GetCurrentTimestamp() - wait_start;
 }

@@ -13,6 +13,7 @@
 #include "funcapi.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/fmgrprotos.h"
 #include "utils/lsyscache.h"
 #include "utils/tuplestore.h"
 
@@ -160,6 +161,33 @@ PointsTimestampPlusSeconds(TimestampTz t, int64 seconds)
 		pg_add_s64_overflow(t, us, &r) || !IS_VALID_TIMESTAMP(r))
 		return seconds > 0 ? DT_NOEND : DT_NOBEGIN;
 	return r;
+}
+
+/*
+ * PointsTimestampPlusInterval
+ *		t + sign * iv (sign 1 or -1), for an interval argument called name:
+ *		a negative interval is SQLSTATE 22023; one past the end of time gives
+ *		+/-infinity.
+ */
+TimestampTz
+PointsTimestampPlusInterval(TimestampTz t, Interval *iv, const char *name, int sign)
+{
+	/* an estimate in days is enough to tell the sign and the size */
+	double		days = iv->month * (double) DAYS_PER_MONTH + iv->day +
+		(double) iv->time / USECS_PER_DAY;
+
+	if (days < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must not be negative, got %s", name,
+						DatumGetCString(DirectFunctionCall1(interval_out,
+															IntervalPGetDatum(iv))))));
+	if (days > 100000.0 * DAYS_PER_YEAR)
+		return sign > 0 ? DT_NOEND : DT_NOBEGIN;
+	return DatumGetTimestampTz(DirectFunctionCall2(sign > 0 ? timestamptz_pl_interval :
+												   timestamptz_mi_interval,
+												   TimestampTzGetDatum(t),
+												   IntervalPGetDatum(iv)));
 }
 
 /*

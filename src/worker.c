@@ -148,7 +148,8 @@ typedef enum WorkerJob
 {
 	JOB_EXPIRE,
 	JOB_ARCHIVE,
-	JOB_QUEUE
+	JOB_QUEUE,
+	JOB_MONITOR
 } WorkerJob;
 
 static const struct
@@ -167,7 +168,15 @@ static const struct
 	{"points: apply_queued", "SELECT points.apply_queued($1)", 2000,
 		"UPDATE points.worker_state SET queue_last_run = now(), queue_last_requests = $1,"
 	" started_at = $2"},
+	/* once a run; $1 unused; the function exists from version 0.2 on */
+	{"points: detect_anomalies",
+		"SELECT points.detect_anomalies() WHERE $1 > 0", 1,
+		"UPDATE points.worker_state SET monitor_last_run = now(),"
+	" alerts_raised = alerts_raised + $1, started_at = $2"},
 };
+
+/* how often the worker looks for anomalies and updates the daily rollup */
+#define WORKER_MONITOR_MS	5000
 
 typedef struct JobStep
 {
@@ -223,7 +232,7 @@ RunBatches(WorkerJob job)
 		if (!PointsWorkerTransaction(worker_jobs[job].activity, StepBatch, &step, true))
 			break;
 		total.count += step.count;
-		if (step.count == 0 || ShutdownRequestPending)
+		if (step.count == 0 || ShutdownRequestPending || job == JOB_MONITOR)
 			break;
 		/* a long backlog must not hold up the events */
 		if (job != JOB_QUEUE || step.count >= worker_jobs[job].batch)
@@ -232,6 +241,18 @@ RunBatches(WorkerJob job)
 	}
 	if (job != JOB_QUEUE || total.count > 0)
 		(void) PointsWorkerTransaction("points: record run", StepRecordRun, &total, true);
+}
+
+static void
+StepHasMonitor(void *arg)
+{
+	bool		isnull;
+
+	if (SPI_execute("SELECT to_regprocedure('points.detect_anomalies()') IS NOT NULL",
+					true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "points worker: could not look up points.detect_anomalies");
+	*(bool *) arg = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+											   SPI_tuptable->tupdesc, 1, &isnull));
 }
 
 static void
@@ -260,6 +281,7 @@ points_worker_main(Datum main_arg)
 	TimestampTz last_expire = 0;
 	TimestampTz last_archive = 0;
 	TimestampTz last_queue = 0;
+	TimestampTz last_monitor = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
@@ -342,6 +364,16 @@ points_worker_main(Datum main_arg)
 			last_queue = now;
 			RunBatches(JOB_QUEUE);
 		}
+		if (!ShutdownRequestPending && now >= AddMs(last_monitor, WORKER_MONITOR_MS))
+		{
+			bool		has_monitor = false;
+
+			last_monitor = now;
+			(void) PointsWorkerTransaction("points: check version", StepHasMonitor,
+										   &has_monitor, false);
+			if (has_monitor)
+				RunBatches(JOB_MONITOR);
+		}
 
 		PointsKafkaRound();
 
@@ -352,6 +384,7 @@ points_worker_main(Datum main_arg)
 		next = Min(AddMs(last_expire, (int64) points_expire_interval * 1000),
 				   AddMs(last_archive, (int64) points_archive_interval * 1000));
 		next = Min(next, AddMs(last_queue, points_queue_interval));
+		next = Min(next, AddMs(last_monitor, WORKER_MONITOR_MS));
 		now = GetCurrentTimestamp();
 		timeout = next > now ? (long) ((next - now + 999) / 1000) : 0;
 		kafka_wait = PointsKafkaWaitMs();
