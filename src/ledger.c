@@ -14,8 +14,9 @@
  *	  5. lot changes, then one statement that appends the ledger row, its
  *	     outbox event and the account's new balance and user_seq
  *
- * "now" of a call is the clock when the call started: it stamps created_at
- * and decides which points have expired.
+ * "now" of a call is the clock once the user lock is held: it stamps
+ * created_at (so created_at grows with user_seq) and decides which points
+ * have expired, also for a call that waited for the lock.
  *
  *-------------------------------------------------------------------------
  */
@@ -316,7 +317,9 @@ ArgMetadata(FunctionCallInfo fcinfo, int argno, bool *isnull)
 /*
  * PointsEarnArgs
  *		Read and check the arguments of points.earn, which points.earn_async
- *		shares (same names, positions and SQLSTATEs).
+ *		shares (same names, positions and SQLSTATEs).  Whether expires_at is
+ *		in the future is checked by PointsEarnCheckExpiry, which earn calls
+ *		only when the call is not a replay of its idempotency key.
  */
 void
 PointsEarnArgs(FunctionCallInfo fcinfo, TimestampTz now, PointsEarnRequest *req)
@@ -330,16 +333,23 @@ PointsEarnArgs(FunctionCallInfo fcinfo, TimestampTz now, PointsEarnRequest *req)
 	if (PG_ARGISNULL(3))
 		req->expires_at = PointsTimestampPlusSeconds(now, points_default_validity);
 	else
-	{
 		req->expires_at = PG_GETARG_TIMESTAMPTZ(3);
-		if (req->expires_at <= now)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("expires_at %s is not in the future, for earn of %lld points by user %lld",
-							timestamptz_to_str(req->expires_at), (long long) req->amount,
-							(long long) req->user_id),
-					 errhint("Pass NULL for points.default_validity, or 'infinity' for points that never expire.")));
-	}
+}
+
+/*
+ * PointsEarnCheckExpiry
+ *		An earn's expires_at must be in the future: 22023 otherwise.
+ */
+void
+PointsEarnCheckExpiry(PointsEarnRequest *req, TimestampTz now)
+{
+	if (req->expires_at <= now)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("expires_at %s is not in the future, for earn of %lld points by user %lld",
+						timestamptz_to_str(req->expires_at), (long long) req->amount,
+						(long long) req->user_id),
+				 errhint("Pass NULL for points.default_validity, or 'infinity' for points that never expire.")));
 }
 
 /*
@@ -365,6 +375,8 @@ EarnImpl(PG_FUNCTION_ARGS)
 		SPI_finish();
 		PG_RETURN_DATUM(result);
 	}
+	/* a replay answers even when its expires_at has passed since */
+	PointsEarnCheckExpiry(&req, now);
 	PointsLockUser(req.user_id);
 	if (req.key && LookupKey(fcinfo, outer, req.user_id, req.key, "earn",
 							 req.amount, 0, &result))
@@ -372,6 +384,9 @@ EarnImpl(PG_FUNCTION_ARGS)
 		SPI_finish();
 		PG_RETURN_DATUM(result);
 	}
+	now = GetCurrentTimestamp();	/* after any wait for the lock */
+	if (PG_ARGISNULL(3))
+		req.expires_at = PointsTimestampPlusSeconds(now, points_default_validity);
 	PointsLockAccount(req.user_id, true, &acct);
 	PointsAppendTx(&acct, req.user_id, "earn", req.amount, req.key, 0, req.reason,
 				   req.metadata, req.metadata_null, now, req.expires_at, true);
@@ -450,6 +465,7 @@ UseImpl(PG_FUNCTION_ARGS)
 		SPI_finish();
 		PG_RETURN_DATUM(result);
 	}
+	now = GetCurrentTimestamp();	/* lots may have expired while we waited */
 	PointsLockAccount(user_id, false, &acct);
 	spendable = acct.exists ? Spendable(user_id, now) : 0;
 	if (spendable < amount)
@@ -645,6 +661,7 @@ CancelImpl(PG_FUNCTION_ARGS)
 		SPI_finish();
 		PG_RETURN_DATUM(result);
 	}
+	now = GetCurrentTimestamp();	/* lots may have expired while we waited */
 	PointsLockAccount(user_id, false, &acct);
 	if (!acct.exists)
 		elog(ERROR, "points: account of user %lld is missing", (long long) user_id);

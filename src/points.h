@@ -153,6 +153,7 @@ typedef struct PointsEarnRequest
 
 extern void PointsEarnArgs(FunctionCallInfo fcinfo, TimestampTz now,
 						   PointsEarnRequest *req);
+extern void PointsEarnCheckExpiry(PointsEarnRequest *req, TimestampTz now);
 extern const char *PointsEventType(const char *kind);
 extern char *PointsKeyConflict(text *key, int64 user_id, int64 tx_id,
 							   const char *kind, int64 amount);

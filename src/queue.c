@@ -68,6 +68,7 @@ EarnAsyncImpl(PG_FUNCTION_ARGS)
 	int64		request_id;
 
 	PointsEarnArgs(fcinfo, now, &req);
+	PointsEarnCheckExpiry(&req, now);
 
 	values[0] = Int64GetDatum((int64) points_node_id);
 	values[1] = Int64GetDatum(req.user_id);
