@@ -157,22 +157,26 @@ static const struct
 	const char *activity;
 	const char *sql;			/* one batch: $1 is the batch size */
 	int			batch;
-	const char *record;			/* $1 = count, $2 = started_at */
+	const char *count;			/* in the batch's transaction: $1 = its count */
+	const char *record;			/* after the run: $1 = count, $2 = started_at */
 } worker_jobs[] = {
 	{"points: expire_due", "SELECT points.expire_due($1)", 10000,
+		"UPDATE points.worker_state SET expire_total_lots = expire_total_lots + $1",
 		"UPDATE points.worker_state SET expire_last_run = now(), expire_last_lots = $1,"
-	" expire_total_lots = expire_total_lots + $1, started_at = $2"},
+	" started_at = $2"},
 	{"points: archive", "SELECT points.archive($1)", 10000,
+		"UPDATE points.worker_state SET archive_total_rows = archive_total_rows + $1",
 		"UPDATE points.worker_state SET archive_last_run = now(), archive_last_rows = $1,"
-	" archive_total_rows = archive_total_rows + $1, started_at = $2"},
+	" started_at = $2"},
 	{"points: apply_queued", "SELECT points.apply_queued($1)", 2000,
+		NULL,
 		"UPDATE points.worker_state SET queue_last_run = now(), queue_last_requests = $1,"
 	" started_at = $2"},
 	/* once a run; $1 unused; the function exists from version 0.2 on */
 	{"points: detect_anomalies",
 		"SELECT points.detect_anomalies() WHERE $1 > 0", 1,
-		"UPDATE points.worker_state SET monitor_last_run = now(),"
-	" alerts_raised = alerts_raised + $1, started_at = $2"},
+		"UPDATE points.worker_state SET alerts_raised = alerts_raised + $1",
+		"UPDATE points.worker_state SET monitor_last_run = now(), started_at = $2"},
 };
 
 /* how often the worker looks for anomalies and updates the daily rollup */
@@ -198,6 +202,18 @@ StepBatch(void *arg)
 		elog(ERROR, "points worker: %s failed", worker_jobs[j->job].activity);
 	j->count = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 										   SPI_tuptable->tupdesc, 1, &isnull));
+
+	/* totals move with the batch, so a crash cannot lose a committed one */
+	if (j->count > 0 && worker_jobs[j->job].count != NULL)
+	{
+		Oid			ctypes[1] = {INT8OID};
+		Datum		cvalues[1];
+
+		cvalues[0] = Int64GetDatum(j->count);
+		if (SPI_execute_with_args(worker_jobs[j->job].count, 1, ctypes, cvalues,
+								  NULL, false, 0) < 0)
+			elog(ERROR, "points worker: could not update points.worker_state");
+	}
 }
 
 static void
@@ -406,5 +422,11 @@ points_worker_main(Datum main_arg)
 
 	ereport(LOG, (errmsg("points worker stopping")));
 	PointsKafkaShutdown();
-	proc_exit(0);
+
+	/*
+	 * Exit code 1: the postmaster starts the worker again after
+	 * bgw_restart_time unless the server itself is shutting down, so a
+	 * pg_terminate_backend() of the worker does not stop the jobs for good.
+	 */
+	proc_exit(1);
 }

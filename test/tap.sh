@@ -13,9 +13,12 @@
 # installed first (make install).  Exit status: prove's.
 #
 # Environment: PG_CONFIG (default pg_config, else PostgreSQL 15's), TAP_USER,
-# PROVE_FLAGS (e.g. -v), PG_TEST_TIMEOUT_DEFAULT (seconds, default 180),
-# TAP_KEEP=1 keeps the work directory (logs, data dirs) even on success;
-# after a failure it is always kept and its path printed.
+# PROVE_FLAGS (e.g. -v, --timer), PG_TEST_TIMEOUT_DEFAULT (seconds, default
+# 180), TAP_KEEP=1 keeps the work directory (logs, data dirs) even on
+# success; after a failure it is always kept and its path printed.  prove
+# runs with a clean environment: PATH, TESTDIR, PG_REGRESS and the above, and
+# every PG_TEST_* and POINTS_* variable of the caller, plus POINTS_TEST_DIR
+# (this test/ directory) for tests that need files beside test/t.
 #
 set -u
 
@@ -93,7 +96,16 @@ env_vars=(
 	"LANG=C.UTF-8"
 	"HOME=$work"
 )
-[ -n "${PG_TEST_NOCLEAN:-}" ] && env_vars+=("PG_TEST_NOCLEAN=1")
+# passed through: PG_TEST_* (PG_TEST_NOCLEAN, ...) and POINTS_* (settings of
+# individual tests, e.g. POINTS_CRASH_SEED); POINTS_TEST_DIR is this test/
+# directory, for tests that need files beside test/t (they run from a copy)
+while IFS= read -r var; do
+	case "$var" in
+		PG_TEST_TIMEOUT_DEFAULT) ;;
+		PG_TEST_*|POINTS_*) env_vars+=("$var=${!var}") ;;
+	esac
+done < <(compgen -e)
+[ -z "${POINTS_TEST_DIR:-}" ] && env_vars+=("POINTS_TEST_DIR=$here")
 
 cmd=(env -i "${env_vars[@]}" prove ${PROVE_FLAGS:-} -I "$perl_lib" "${tests[@]}")
 

@@ -87,6 +87,13 @@ my %invariants = (
 		     + (SELECT count(*) FROM points.outbox o
 		        WHERE NOT EXISTS (SELECT 1 FROM points.ledger l WHERE l.tx_id = o.id)
 		          AND NOT EXISTS (SELECT 1 FROM points.ledger_archive l WHERE l.tx_id = o.id))},
+	'use_lot agrees with the ledger' => q{
+		SELECT count(*) FROM points.ledger l
+		WHERE l.kind = 'use'
+		  AND -l.amount - coalesce((SELECT sum(c.amount) FROM points.ledger c
+		                            WHERE c.cancels_tx = l.tx_id), 0)
+		      <> coalesce((SELECT sum(u.taken - u.restored) FROM points.use_lot u
+		                   WHERE u.use_tx = l.tx_id), 0)},
 	'the last ledger row of each account has its balance' => q{
 		SELECT count(*) FROM points.account a
 		WHERE a.balance <> coalesce((SELECT l.balance_after FROM points.ledger l
@@ -94,12 +101,17 @@ my %invariants = (
 		                             ORDER BY l.user_seq DESC LIMIT 1), a.balance)},
 );
 
+# all of them in one round trip
 sub check_invariants
 {
 	my ($when) = @_;
-	foreach my $name (sort keys %invariants)
+	my @names = sort keys %invariants;
+	my $sql = join("\nUNION ALL ",
+		map { "SELECT $_, ($invariants{$names[$_]})" } 0 .. $#names);
+	my %got = map { split /\|/ } split /\n/, $node->safe_psql('postgres', $sql);
+	foreach my $i (0 .. $#names)
 	{
-		is($node->safe_psql('postgres', $invariants{$name}), '0', "$when: $name");
+		is($got{$i}, '0', "$when: $names[$i]");
 	}
 	return;
 }
