@@ -4,9 +4,9 @@
  *	  Appending many transactions in one statement, for the jobs that write
  *	  in bulk (expiry, queued earns).
  *
- * The caller holds the user locks and the account rows, decides every
- * transaction in memory (user_seq, balance_after), and adds them to a
- * PointsTxBatch in the order they happen; PointsAppendBatch then writes
+ * The caller takes the user locks and the account rows of a set of users
+ * (PointsLockBatchUsers), decides every transaction in memory (user_seq,
+ * balance_after), and adds them to a PointsTxBatch in the order they happen; PointsAppendBatch then writes
  * all ledger rows, lots, outbox events and account updates at once.  Ids
  * are taken in batch order, so each user's tx_ids grow with its user_seq,
  * as on the one-call path (ledger.c).
@@ -23,6 +23,91 @@
 #include "points.h"
 
 static SPIPlanPtr plan_batch;
+static SPIPlanPtr plan_new_accounts;
+static SPIPlanPtr plan_accounts;
+
+static int
+CompareAccount(const void *a, const void *b)
+{
+	int64		x = ((const PointsAccountState *) a)->user_id;
+	int64		y = ((const PointsAccountState *) b)->user_id;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/*
+ * PointsLockBatchUsers
+ *		Take the user lock of each user in column 1 of the last SPI result
+ *		that is free now (a busy user is left for a later batch; the job
+ *		never waits), then lock their account rows, made first for new users
+ *		when create.  Fills set and returns false when no user was free.
+ */
+bool
+PointsLockBatchUsers(bool create, TimestampTz now, PointsAccountSet *set)
+{
+	static const Oid types[2] = {INT8ARRAYOID, TIMESTAMPTZOID};
+	Datum		values[2];
+	Datum	   *locked = palloc(sizeof(Datum) * (SPI_processed + 1));
+	int			nlocked = 0;
+	uint64		i;
+
+	for (i = 0; i < SPI_processed; i++)
+	{
+		int64		user_id = PointsGetInt64(i, 1, NULL);
+
+		if (PointsTryLockUser(user_id))
+			locked[nlocked++] = Int64GetDatum(user_id);
+	}
+	set->n = 0;
+	set->accounts = NULL;
+	if (nlocked == 0)
+		return false;
+	set->users = PointerGetDatum(construct_array(locked, nlocked, INT8OID, 8,
+												 true, TYPALIGN_DOUBLE));
+	values[0] = set->users;
+	values[1] = TimestampTzGetDatum(now);
+	if (create)
+	{
+		PointsPlan(&plan_new_accounts,
+				   "INSERT INTO points.account (user_id, balance, last_seq, created_at, updated_at)"
+				   " SELECT u, 0, 0, $2, $2 FROM unnest($1) u"
+				   " WHERE NOT EXISTS (SELECT FROM points.account a WHERE a.user_id = u)"
+				   " ON CONFLICT (user_id) DO NOTHING",
+				   2, types);
+		PointsExec(plan_new_accounts, values, NULL, false, 0);
+	}
+	PointsPlan(&plan_accounts,
+			   "SELECT user_id, balance, last_seq FROM points.account"
+			   " WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
+			   1, types);
+	PointsExec(plan_accounts, values, NULL, false, 0);
+	set->n = (int) SPI_processed;
+	set->accounts = palloc(sizeof(PointsAccountState) * (set->n + 1));
+	for (i = 0; i < SPI_processed; i++)
+	{
+		set->accounts[i].user_id = PointsGetInt64(i, 1, NULL);
+		set->accounts[i].balance = PointsGetInt64(i, 2, NULL);
+		set->accounts[i].last_seq = PointsGetInt64(i, 3, NULL);
+	}
+	return true;
+}
+
+/*
+ * PointsFindAccount
+ *		The locked account of user_id in the set; an error if it is not there.
+ */
+PointsAccountState *
+PointsFindAccount(PointsAccountSet *set, int64 user_id)
+{
+	PointsAccountState key;
+	PointsAccountState *a;
+
+	key.user_id = user_id;
+	a = bsearch(&key, set->accounts, set->n, sizeof(PointsAccountState), CompareAccount);
+	if (a == NULL)
+		elog(ERROR, "points: account of user %lld is missing", (long long) user_id);
+	return a;
+}
 
 /*
  * PointsBatchAdd

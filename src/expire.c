@@ -27,24 +27,7 @@
 PG_FUNCTION_INFO_V1(points_expire_due);
 
 static SPIPlanPtr plan_due_users;
-static SPIPlanPtr plan_accounts;
 static SPIPlanPtr plan_take_lots;
-
-typedef struct AccountState
-{
-	int64		user_id;
-	int64		balance;
-	int64		last_seq;
-} AccountState;
-
-static int
-CompareAccount(const void *a, const void *b)
-{
-	int64		x = ((const AccountState *) a)->user_id;
-	int64		y = ((const AccountState *) b)->user_id;
-
-	return x < y ? -1 : x > y ? 1 : 0;
-}
 
 /*
  * points_expire_due
@@ -61,13 +44,9 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 	int32		max_lots = PointsArgPositiveInt32(fcinfo, 0, "max_lots");
 	TimestampTz now = GetCurrentTimestamp();
 	static const Oid types[3] = {TIMESTAMPTZOID, INT4OID, INT4OID};
-	static const Oid lock_types[1] = {INT8ARRAYOID};
 	static const Oid lot_types[3] = {INT8ARRAYOID, TIMESTAMPTZOID, INT4OID};
 	Datum		values[3];
-	Datum	   *locked;
-	int			nlocked = 0;
-	AccountState *accts;
-	int			naccts;
+	PointsAccountSet set;
 	PointsTxBatch batch = {0};
 	uint64		i;
 	int64		nlots;
@@ -86,37 +65,13 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 			   3, types);
 	PointsExec(plan_due_users, values, NULL, false, 0);
 
-	/* lock the users that are free now; a busy one waits for a later run */
-	locked = palloc(sizeof(Datum) * (SPI_processed + 1));
-	for (i = 0; i < SPI_processed; i++)
-	{
-		int64		user_id = PointsGetInt64(i, 1, NULL);
-
-		if (PointsTryLockUser(user_id))
-			locked[nlocked++] = Int64GetDatum(user_id);
-	}
-	if (nlocked == 0)
+	if (!PointsLockBatchUsers(false, now, &set))
 	{
 		SPI_finish();
 		PG_RETURN_INT64(0);
 	}
-	values[0] = PointerGetDatum(construct_array(locked, nlocked, INT8OID, 8,
-												true, TYPALIGN_DOUBLE));
 
-	PointsPlan(&plan_accounts,
-			   "SELECT user_id, balance, last_seq FROM points.account"
-			   " WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
-			   1, lock_types);
-	PointsExec(plan_accounts, values, NULL, false, 0);
-	naccts = (int) SPI_processed;
-	accts = palloc(sizeof(AccountState) * (naccts + 1));
-	for (i = 0; i < SPI_processed; i++)
-	{
-		accts[i].user_id = PointsGetInt64(i, 1, NULL);
-		accts[i].balance = PointsGetInt64(i, 2, NULL);
-		accts[i].last_seq = PointsGetInt64(i, 3, NULL);
-	}
-
+	values[0] = set.users;
 	values[1] = TimestampTzGetDatum(now);
 	values[2] = Int32GetDatum(max_lots);
 	PointsPlan(&plan_take_lots,
@@ -140,17 +95,11 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 	nlots = (int64) SPI_processed;
 	for (i = 0; i < SPI_processed; i++)
 	{
-		AccountState key;
-		AccountState *a;
+		PointsAccountState *a = PointsFindAccount(&set, PointsGetInt64(i, 2, NULL));
 		int64		lot_id = PointsGetInt64(i, 1, NULL);
 		int64		remaining = PointsGetInt64(i, 3, NULL);
 		char		meta[64];
 
-		key.user_id = PointsGetInt64(i, 2, NULL);
-		a = bsearch(&key, accts, naccts, sizeof(AccountState), CompareAccount);
-		if (a == NULL)
-			elog(ERROR, "points: account of user %lld is missing",
-				 (long long) key.user_id);
 		a->balance -= remaining;
 		a->last_seq++;
 		snprintf(meta, sizeof(meta), "{\"lot_id\": %lld}", (long long) lot_id);

@@ -180,6 +180,23 @@ typedef struct PointsTxBatch
 	TimestampTz *lot_expires;	/* 0: no lot */
 } PointsTxBatch;
 
+/* the locked accounts of a batch's users, sorted by user_id */
+typedef struct PointsAccountState
+{
+	int64		user_id;
+	int64		balance;
+	int64		last_seq;
+} PointsAccountState;
+
+typedef struct PointsAccountSet
+{
+	Datum		users;			/* int8[] of the locked users */
+	int			n;
+	PointsAccountState *accounts;
+} PointsAccountSet;
+
+extern bool PointsLockBatchUsers(bool create, TimestampTz now, PointsAccountSet *set);
+extern PointsAccountState *PointsFindAccount(PointsAccountSet *set, int64 user_id);
 extern void PointsBatchAdd(PointsTxBatch *b, int64 user_id, int64 user_seq,
 						   const char *kind, int64 amount, int64 balance_after,
 						   text *key, text *reason, Datum metadata,

@@ -43,8 +43,6 @@ PG_FUNCTION_INFO_V1(points_apply_queued);
 static SPIPlanPtr plan_enqueue;
 static SPIPlanPtr plan_request;
 static SPIPlanPtr plan_queued_users;
-static SPIPlanPtr plan_new_accounts;
-static SPIPlanPtr plan_accounts;
 static SPIPlanPtr plan_requests;
 static SPIPlanPtr plan_keys;
 static SPIPlanPtr plan_mark;
@@ -142,22 +140,6 @@ typedef struct KeyEntry
 	char		kind[16];
 } KeyEntry;
 
-typedef struct AccountState
-{
-	int64		user_id;
-	int64		balance;
-	int64		last_seq;
-} AccountState;
-
-static int
-CompareAccount(const void *a, const void *b)
-{
-	int64		x = ((const AccountState *) a)->user_id;
-	int64		y = ((const AccountState *) b)->user_id;
-
-	return x < y ? -1 : x > y ? 1 : 0;
-}
-
 static KeyEntry *
 KeyLookup(HTAB *keys, int64 user_id, text *key, bool *found)
 {
@@ -181,16 +163,12 @@ points_apply_queued(PG_FUNCTION_ARGS)
 	int32		max_requests = PointsArgPositiveInt32(fcinfo, 0, "max_requests");
 	TimestampTz now = GetCurrentTimestamp();
 	static const Oid t_users[3] = {INT4OID, INT4OID, TIMESTAMPTZOID};
-	static const Oid t_arr[2] = {INT8ARRAYOID, TIMESTAMPTZOID};
 	static const Oid t_reqs[2] = {INT8ARRAYOID, INT4OID};
 	static const Oid t_keys[2] = {INT8ARRAYOID, TEXTARRAYOID};
 	static const Oid t_mark[5] = {INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID,
 	TEXTARRAYOID, TIMESTAMPTZOID};
 	Datum		values[5];
-	Datum	   *locked;
-	int			nlocked = 0;
-	AccountState *accts;
-	int			naccts;
+	PointsAccountSet set;
 	int			nreq;
 	int64	   *req_id;
 	int64	   *req_user;
@@ -220,46 +198,14 @@ points_apply_queued(PG_FUNCTION_ARGS)
 			   " GROUP BY user_id ORDER BY min(request_id) LIMIT $2",
 			   2, t_users);
 	PointsExec(plan_queued_users, values, NULL, false, 0);
-	locked = palloc(sizeof(Datum) * (SPI_processed + 1));
-	for (i = 0; i < SPI_processed; i++)
-	{
-		int64		user_id = PointsGetInt64(i, 1, NULL);
-
-		if (PointsTryLockUser(user_id))
-			locked[nlocked++] = Int64GetDatum(user_id);
-	}
-	if (nlocked == 0)
+	if (!PointsLockBatchUsers(true, now, &set))
 	{
 		SPI_finish();
 		PG_RETURN_INT64(0);
 	}
-	values[0] = PointerGetDatum(construct_array(locked, nlocked, INT8OID, 8,
-												true, TYPALIGN_DOUBLE));
-	values[1] = TimestampTzGetDatum(now);
-
-	/* their accounts, made for new users, locked */
-	PointsPlan(&plan_new_accounts,
-			   "INSERT INTO points.account (user_id, balance, last_seq, created_at, updated_at)"
-			   " SELECT u, 0, 0, $2, $2 FROM unnest($1) u"
-			   " WHERE NOT EXISTS (SELECT FROM points.account a WHERE a.user_id = u)"
-			   " ON CONFLICT (user_id) DO NOTHING",
-			   2, t_arr);
-	PointsExec(plan_new_accounts, values, NULL, false, 0);
-	PointsPlan(&plan_accounts,
-			   "SELECT user_id, balance, last_seq FROM points.account"
-			   " WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
-			   1, t_arr);
-	PointsExec(plan_accounts, values, NULL, false, 0);
-	naccts = (int) SPI_processed;
-	accts = palloc(sizeof(AccountState) * (naccts + 1));
-	for (i = 0; i < SPI_processed; i++)
-	{
-		accts[i].user_id = PointsGetInt64(i, 1, NULL);
-		accts[i].balance = PointsGetInt64(i, 2, NULL);
-		accts[i].last_seq = PointsGetInt64(i, 3, NULL);
-	}
 
 	/* their queued requests, oldest first, read now that we hold the users */
+	values[0] = set.users;
 	values[1] = Int32GetDatum(max_requests);
 	PointsPlan(&plan_requests,
 			   "SELECT r.request_id, r.user_id, r.amount, r.idempotency_key,"
@@ -360,8 +306,7 @@ points_apply_queued(PG_FUNCTION_ARGS)
 			Datum		reasond = SPI_getbinval(tup, desc, 6, &isnull);
 			text	   *reason = isnull ? NULL : DatumGetTextPP(reasond);
 			Datum		metadata = SPI_getbinval(tup, desc, 7, &isnull);
-			AccountState probe;
-			AccountState *a;
+			PointsAccountState *a = PointsFindAccount(&set, user_id);
 			KeyEntry   *e = NULL;
 			bool		found = false;
 			int64		balance = 0;
@@ -371,10 +316,6 @@ points_apply_queued(PG_FUNCTION_ARGS)
 				metadata = (Datum) 0;
 			req_id[r] = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 			req_user[r] = user_id;
-			probe.user_id = user_id;
-			a = bsearch(&probe, accts, naccts, sizeof(AccountState), CompareAccount);
-			if (a == NULL)
-				elog(ERROR, "points: account of user %lld is missing", (long long) user_id);
 
 			if (key)
 				e = KeyLookup(keys, user_id, key, &found);
