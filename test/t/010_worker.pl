@@ -16,11 +16,12 @@
 #      and the new worker starts a run at once; it is killed again in the
 #      middle of that run; the next worker finishes the backlog (still at
 #      1h: it resumes at its start, nobody else expires anything); every lot
-#      expired exactly once, none skipped, verify() empty (and, as a TODO,
-#      worker_status.expire_total_lots, which loses a killed run's count);
+#      expired exactly once, none skipped, verify() empty, and
+#      worker_status.expire_total_lots counts them all across the crashes;
 #   6. a new points.database on reload restarts the worker in that database;
-#   7. SIGTERM at shutdown (stop fast) is clean: "points worker stopping",
-#      no "terminated by signal", no non-zero exit.
+#   7. pg_terminate_backend() of the worker: it is started again;
+#   8. SIGTERM at shutdown (stop fast) is clean: "points worker stopping",
+#      no "terminated by signal", no exit code other than 1.
 use strict;
 use warnings;
 
