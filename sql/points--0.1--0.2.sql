@@ -44,12 +44,16 @@ CREATE TABLE points.alert (
 );
 CREATE INDEX alert_raised_idx ON points.alert (raised_at);
 
-/* The daily rollup: per UTC day and kind; users through daily_user. */
+/*
+ * The daily rollup: per UTC day and kind; users through daily_user.  points
+ * is numeric so that no sum of bigint amounts can stop the rollup;
+ * points.daily() returns it as bigint (22003 for a day beyond bigint).
+ */
 CREATE TABLE points.daily_rollup (
     day             date NOT NULL,
     kind            text NOT NULL,
     transactions    bigint NOT NULL,
-    points          bigint NOT NULL,
+    points          numeric NOT NULL,
     PRIMARY KEY (day, kind)
 );
 CREATE TABLE points.daily_user (

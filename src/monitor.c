@@ -262,7 +262,7 @@ points_daily(PG_FUNCTION_ARGS)
 	values[1] = PG_GETARG_DATUM(1);
 	SPI_connect();
 	PointsPlan(&plan_daily,
-			   "SELECT r.day, r.kind, r.transactions, r.points,"
+			   "SELECT r.day, r.kind, r.transactions, r.points::int8,"
 			   "       (SELECT count(*) FROM points.daily_user u"
 			   "        WHERE u.day = r.day AND u.kind = r.kind)"
 			   " FROM points.daily_rollup r WHERE r.day BETWEEN $1 AND $2"

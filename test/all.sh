@@ -4,7 +4,8 @@
 #             (test/isolation), library preloaded
 #   pgtap     the schema contract (test/pgtap), with pg_prove
 #   stress    randomized load with a live invariant checker (test/stress)
-#   tap       crash and worker lifecycle tests (test/t), as user postgres
+#   tap       crash, worker, queue and Kafka tests (test/t), as user postgres
+#   monitoring  Prometheus rules (promtool) and the real exporter's scrape
 # Usage: test/all.sh [suite ...]     (default: all; SKIP_SETUP=1 skips setup)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ ROOT=$(pwd)
 
 PRELOAD="shared_preload_libraries=points"
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(regress pgtap stress tap)
+[ ${#suites[@]} -gt 0 ] || suites=(regress pgtap stress tap monitoring)
 
 suite_regress() {
     pg_virtualenv -t -o "$PRELOAD" -c '-p 5451' make -s installcheck
@@ -30,6 +31,10 @@ suite_stress() {
     bash test/stress/run_local.sh 5453
 }
 
+suite_monitoring() {
+    bash test/monitoring.sh
+}
+
 suite_tap() {
     [ -x test/tap.sh ] || { echo "no tap tests"; return 1; }
     bash test/tap.sh
@@ -37,12 +42,12 @@ suite_tap() {
 
 passed=0 failed=0 failures=()
 for s in "${suites[@]}"; do
-    echo "=== $s"
+    echo ">>> $s"
     start=$(date +%s)
     if "suite_$s"; then
-        passed=$((passed + 1)); echo "=== $s: ok ($(( $(date +%s) - start ))s)"
+        passed=$((passed + 1)); echo ">>> $s: ok ($(( $(date +%s) - start ))s)"
     else
-        failed=$((failed + 1)); failures+=("$s"); echo "=== $s: FAILED ($(( $(date +%s) - start ))s)"
+        failed=$((failed + 1)); failures+=("$s"); echo ">>> $s: FAILED ($(( $(date +%s) - start ))s)"
         for f in regression.diffs output_iso/regression.diffs; do
             [ -f "$f" ] && { echo "--- $f"; head -200 "$f"; }
         done
