@@ -14,8 +14,11 @@
  * and are read in id order; the producer is idempotent, keeps each
  * partition's order through retries, and never gives up on a message by
  * timeout (message.timeout.ms=0), so a user's events reach the partition in
- * user_seq order.  Production stops at the first message librdkafka refuses
- * so nothing overtakes it.  A row that was acked but not yet deleted when
+ * user_seq order.  With enable.gapless.guarantee a permanent refusal of one
+ * request is a fatal error rather than a gap the later requests would jump
+ * over.  Production stops at the first message librdkafka refuses so
+ * nothing overtakes it, and a batch with failures is followed by a pause
+ * that grows (up to 30 s) before its rows are sent again.  A row that was acked but not yet deleted when
  * the worker died is sent again (at least once); a row is never deleted
  * before its ack, so nothing is lost, and rows of rolled-back transactions
  * never exist.  A fatal producer error purges the producer's queue: the
@@ -72,8 +75,10 @@ static int	wake_pipe[2] = {-1, -1};
 static MemoryContext batch_cxt = NULL;
 static Batch *batch = NULL;		/* NULL: none in flight */
 static bool fatal_pending = false;
+static char fatal_cause[512];
 static bool more_rows = false;	/* the last batch was full */
-static TimestampTz retry_at = 0;	/* no new producer before this */
+static TimestampTz retry_at = 0;	/* no new producer or batch before this */
+static int	failure_backoff_ms = 0;	/* pause after a batch with failures */
 
 /* the last error librdkafka reported, to record in worker_state */
 static char last_error[512];
@@ -124,10 +129,11 @@ ErrorCallback(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 {
 	if (err == RD_KAFKA_RESP_ERR__FATAL)
 	{
-		char		cause[256];
+		char		cause[400];
 
 		rd_kafka_fatal_error(rk, cause, sizeof(cause));
-		NoteError("fatal producer error: %s", cause);
+		snprintf(fatal_cause, sizeof(fatal_cause), "fatal producer error: %s", cause);
+		NoteError("%s", fatal_cause);
 		fatal_pending = true;
 	}
 	else
@@ -227,6 +233,8 @@ CreateProducer(void)
 	SetOption(conf, "enable.idempotence", "true");
 	SetOption(conf, "acks", "all");
 	SetOption(conf, "message.timeout.ms", "0");
+	/* a permanent error of one request must not let later ones through */
+	SetOption(conf, "enable.gapless.guarantee", "true");
 	SetOption(conf, "linger.ms", "5");
 	SetOption(conf, "queue.buffering.max.messages", "100000");
 	SetOption(conf, "partitioner", "murmur2_random");
@@ -367,7 +375,14 @@ FinishBatch(void)
 		(void) PointsWorkerTransaction("points: delete published events",
 									   StepDeleteAcked, NULL, true);
 	if (batch->acked < batch->n)
-		more_rows = true;		/* read the rest again at once */
+	{
+		/* some failed: send them again, after a pause that grows */
+		more_rows = true;
+		failure_backoff_ms = Min(Max(failure_backoff_ms * 2, 100), 30000);
+		retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), failure_backoff_ms);
+	}
+	else
+		failure_backoff_ms = 0;
 	batch = NULL;
 	MemoryContextReset(batch_cxt);
 }
@@ -431,16 +446,18 @@ PointsKafkaRound(void)
 
 	if (fatal_pending)
 	{
-		ereport(LOG, (errmsg("points worker: %s; making a new producer", last_error)));
+		ereport(LOG, (errmsg("points worker: %s; making a new producer", fatal_cause)));
 		if (batch)
 			FinishBatch();		/* keep what was acked */
 		DestroyProducer();
+		/* the cause, not a delivery failure it caused, is what to show */
+		NoteError("%s", fatal_cause);
 		goto record;
 	}
 
 	if (batch && batch->resolved >= batch->produced)
 		FinishBatch();
-	if (batch == NULL)
+	if (batch == NULL && GetCurrentTimestamp() >= retry_at)
 		(void) PointsWorkerTransaction("points: read outbox", StepReadBatch, NULL, true);
 
 record:
@@ -465,8 +482,14 @@ PointsKafkaWaitMs(void)
 		return (points_kafka_brokers && points_kafka_brokers[0]) ? 1000 : -1;
 	if (batch != NULL)
 		return 100;
-	if (more_rows || fatal_pending)
+	if (fatal_pending)
 		return 0;
+	if (more_rows)
+	{
+		TimestampTz now = GetCurrentTimestamp();
+
+		return retry_at > now ? (long) ((retry_at - now + 999) / 1000) : 0;
+	}
 	return 1000;				/* a commit we were not told of (e.g. 2PC) */
 }
 
