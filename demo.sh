@@ -41,6 +41,13 @@ sleep 3.5
 q "SELECT points.balance(42)"
 q "SELECT user_seq, kind, amount, balance_after, reason FROM points.history(42)"
 q "SELECT * FROM points.verify()   -- no rows: every balance = its lots = its ledger"
+echo; echo "== a campaign queues earns; the worker applies them (a second run pays nothing)"
+q "SELECT count(points.earn_async(u, 50, idempotency_key => '\''black-friday'\'')) FROM generate_series(100, 199) u"
+sleep 1
+q "SELECT count(points.earn_async(u, 50, idempotency_key => '\''black-friday'\'')) FROM generate_series(100, 199) u"
+sleep 1
+q "SELECT state, count(*) FROM points.request GROUP BY state"
+q "SELECT sum(points.balance(u)) AS campaign_points FROM generate_series(100, 199) u"
 echo; echo "== archiving moves old ledger rows; history still sees them"
 psql -Xq -c "ALTER SYSTEM SET points.archive_after = 0" -c "SELECT pg_reload_conf()" >/dev/null
 q "SELECT points.archive()"
@@ -50,6 +57,6 @@ echo; echo "== the worker published every change to Kafka"
 sleep 1
 q "SELECT outbox_backlog, events_published, expire_total_lots, last_error FROM points.worker_status"
 echo; echo "kcat -C -t points.events (partition, offset, key, value):"
-kcat -b "$DEMO_BROKERS" -t points.events -C -e -q -f "%p %o key=%k %s\n" | sort -t" " -k4
+kcat -b "$DEMO_BROKERS" -t points.events -C -e -q -f "%p %o key=%k %s\n" | sort -k1,1n -k2,2n
 '
 echo; echo "demo finished"
