@@ -24,6 +24,7 @@
 
 #include "catalog/pg_type.h"
 #include "common/int.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
@@ -51,6 +52,7 @@ static SPIPlanPtr plan_key;
 static SPIPlanPtr plan_fetch;
 static SPIPlanPtr plan_spendable;
 static SPIPlanPtr plan_consume;
+static SPIPlanPtr plan_lots_in_order;
 static SPIPlanPtr plan_cancelled;
 static SPIPlanPtr plan_lot;
 static SPIPlanPtr plan_lot_take;
@@ -406,11 +408,28 @@ points_earn(PG_FUNCTION_ARGS)
 }
 
 /*
- * Spendable
- *		Points of the user's lots that have not expired at "now".
+ * SumOfColumn1
+ *		The sum of the first (bigint) column of the last SPI result.
  */
 static int64
-Spendable(int64 user_id, TimestampTz now)
+SumOfColumn1(void)
+{
+	int64		sum = 0;
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+		sum += PointsGetInt64(i, 1, NULL);
+	return sum;
+}
+
+/*
+ * Spendable
+ *		Points of the user's lots that have not expired at "now": the
+ *		account's balance less the lots past expires_at still holding points
+ *		(few: the expiry job clears them), so the cost does not grow with
+ *		the number of lots.
+ */
+static int64
+Spendable(PointsAccount *acct, int64 user_id, TimestampTz now)
 {
 	static const Oid types[2] = {INT8OID, TIMESTAMPTZOID};
 	Datum		values[2];
@@ -419,10 +438,78 @@ Spendable(int64 user_id, TimestampTz now)
 	values[1] = TimestampTzGetDatum(now);
 	PointsPlan(&plan_spendable,
 			   "SELECT coalesce(sum(remaining), 0)::int8 FROM points.lot"
-			   " WHERE user_id = $1 AND remaining > 0 AND expires_at > $2",
+			   " WHERE user_id = $1 AND remaining > 0 AND expires_at <= $2",
 			   2, types);
 	PointsExec(plan_spendable, values, NULL, false, 1);
-	return PointsGetInt64(0, 1, NULL);
+	return acct->balance - PointsGetInt64(0, 1, NULL);
+}
+
+/*
+ * TakeFromLots
+ *		Take amount points from the user's unexpired lots in use order
+ *		(soonest expires_at, then the oldest lot) and record each lot's part
+ *		for use tx_id.  The lots are read in that order from the index and
+ *		only as far as needed, however many lots the user has.
+ */
+static void
+TakeFromLots(int64 user_id, int64 amount, TimestampTz now, int64 tx_id)
+{
+	static const Oid lot_types[2] = {INT8OID, TIMESTAMPTZOID};
+	static const Oid take_types[3] = {INT8ARRAYOID, INT8ARRAYOID, INT8OID};
+	Datum		values[3];
+	Portal		portal;
+	int64		left = amount;
+	int			n = 0;
+	int			cap = 16;
+	Datum	   *lots = palloc(sizeof(Datum) * cap);
+	Datum	   *parts = palloc(sizeof(Datum) * cap);
+
+	values[0] = Int64GetDatum(user_id);
+	values[1] = TimestampTzGetDatum(now);
+	PointsPlan(&plan_lots_in_order,
+			   "SELECT lot_id, remaining FROM points.lot"
+			   " WHERE user_id = $1 AND remaining > 0 AND expires_at > $2"
+			   " ORDER BY expires_at, lot_id",
+			   2, lot_types);
+	portal = SPI_cursor_open(NULL, plan_lots_in_order, values, NULL, false);
+	while (left > 0)
+	{
+		SPI_cursor_fetch(portal, true, 16);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed && left > 0; i++)
+		{
+			int64		remaining = PointsGetInt64(i, 2, NULL);
+			int64		part = Min(remaining, left);
+
+			if (n == cap)
+			{
+				cap *= 2;
+				lots = repalloc(lots, sizeof(Datum) * cap);
+				parts = repalloc(parts, sizeof(Datum) * cap);
+			}
+			lots[n] = Int64GetDatum(PointsGetInt64(i, 1, NULL));
+			parts[n++] = Int64GetDatum(part);
+			left -= part;
+		}
+	}
+	SPI_cursor_close(portal);
+	if (left != 0)
+		elog(ERROR, "points: use %lld of user %lld found %lld points fewer in its lots than spendable",
+			 (long long) tx_id, (long long) user_id, (long long) left);
+
+	values[0] = PointerGetDatum(construct_array(lots, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[1] = PointerGetDatum(construct_array(parts, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[2] = Int64GetDatum(tx_id);
+	PointsPlan(&plan_consume,
+			   "WITH p AS (SELECT * FROM unnest($1, $2) AS p(lot_id, part)),"
+			   " u AS ("
+			   "  UPDATE points.lot l SET remaining = l.remaining - p.part"
+			   "  FROM p WHERE l.lot_id = p.lot_id)"
+			   " INSERT INTO points.use_lot (use_tx, lot_id, taken)"
+			   " SELECT $3, lot_id, part FROM p",
+			   3, take_types);
+	PointsExec(plan_consume, values, NULL, false, 0);
 }
 
 /*
@@ -445,11 +532,7 @@ UseImpl(PG_FUNCTION_ARGS)
 	PointsAccount acct;
 	int64		spendable;
 	int64		tx_id;
-	int64		taken = 0;
 	Datum		result;
-	Datum		values[4];
-	static const Oid types[4] = {INT8OID, INT8OID, TIMESTAMPTZOID, INT8OID};
-	uint64		i;
 
 	CheckAmount(amount, "use", "user", user_id);
 
@@ -467,7 +550,7 @@ UseImpl(PG_FUNCTION_ARGS)
 	}
 	now = GetCurrentTimestamp();	/* lots may have expired while we waited */
 	PointsLockAccount(user_id, false, &acct);
-	spendable = acct.exists ? Spendable(user_id, now) : 0;
+	spendable = acct.exists ? Spendable(&acct, user_id, now) : 0;
 	if (spendable < amount)
 		ereport(ERROR,
 				(errcode(ERRCODE_POINTS_INSUFFICIENT),
@@ -481,33 +564,7 @@ UseImpl(PG_FUNCTION_ARGS)
 	result = PointsRowToComposite(fcinfo, outer, 0);
 
 	/* take from the lots in use order, recording each lot's part */
-	values[0] = Int64GetDatum(user_id);
-	values[1] = Int64GetDatum(amount);
-	values[2] = TimestampTzGetDatum(now);
-	values[3] = Int64GetDatum(tx_id);
-	PointsPlan(&plan_consume,
-			   "WITH c AS ("
-			   "  SELECT lot_id, remaining,"
-			   "         sum(remaining) OVER (ORDER BY expires_at, lot_id) AS upto"
-			   "  FROM points.lot"
-			   "  WHERE user_id = $1 AND remaining > 0 AND expires_at > $3),"
-			   " p AS ("
-			   "  SELECT lot_id, least(remaining, $2 - (upto - remaining))::int8 AS part"
-			   "  FROM c WHERE upto - remaining < $2),"
-			   " u AS ("
-			   "  UPDATE points.lot l SET remaining = l.remaining - p.part"
-			   "  FROM p WHERE l.lot_id = p.lot_id"
-			   "  RETURNING l.lot_id, p.part)"
-			   " INSERT INTO points.use_lot (use_tx, lot_id, taken)"
-			   " SELECT $4, lot_id, part FROM u RETURNING taken",
-			   4, types);
-	PointsExec(plan_consume, values, NULL, false, 0);
-	for (i = 0; i < SPI_processed; i++)
-		taken += PointsGetInt64(i, 1, NULL);
-	if (taken != amount)
-		elog(ERROR, "points: use %lld of user %lld took %lld points from its lots, expected %lld",
-			 (long long) tx_id, (long long) user_id, (long long) taken,
-			 (long long) amount);
+	TakeFromLots(user_id, amount, now, tx_id);
 
 	SPI_finish();
 	PG_RETURN_DATUM(result);
@@ -567,8 +624,7 @@ CancelUse(int64 user_id, int64 tx_id, int64 part)
 {
 	static const Oid types[2] = {INT8OID, INT8OID};
 	Datum		values[2];
-	int64		given = 0;
-	uint64		i;
+	int64		given;
 
 	values[0] = Int64GetDatum(tx_id);
 	values[1] = Int64GetDatum(part);
@@ -589,8 +645,7 @@ CancelUse(int64 user_id, int64 tx_id, int64 part)
 			   " FROM p WHERE l.lot_id = p.lot_id RETURNING p.part",
 			   2, types);
 	PointsExec(plan_restore, values, NULL, false, 0);
-	for (i = 0; i < SPI_processed; i++)
-		given += PointsGetInt64(i, 1, NULL);
+	given = SumOfColumn1();
 	if (given != part)
 		elog(ERROR, "points: cancel of use %lld of user %lld restored %lld points, expected %lld",
 			 (long long) tx_id, (long long) user_id, (long long) given,
