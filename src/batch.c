@@ -37,13 +37,15 @@ CompareAccount(const void *a, const void *b)
 
 /*
  * PointsLockBatchUsers
- *		Take the user lock of each user in column 1 of the last SPI result
- *		that is free now (a busy user is left for a later batch; the job
- *		never waits), then lock their account rows, made first for new users
+ *		Take the user lock of each user in column 1 of the first max_rows
+ *		rows of the last SPI result that is free now (a busy user is left
+ *		for a later batch; the job never waits; got[i] says which, when got
+ *		is not NULL), then lock their account rows, made first for new users
  *		when create.  Fills set and returns false when no user was free.
  */
 bool
-PointsLockBatchUsers(bool create, TimestampTz now, PointsAccountSet *set)
+PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
+					 PointsAccountSet *set)
 {
 	static const Oid types[2] = {INT8ARRAYOID, TIMESTAMPTZOID};
 	Datum		values[2];
@@ -51,12 +53,15 @@ PointsLockBatchUsers(bool create, TimestampTz now, PointsAccountSet *set)
 	int			nlocked = 0;
 	uint64		i;
 
-	for (i = 0; i < SPI_processed; i++)
+	for (i = 0; i < SPI_processed && i < max_rows; i++)
 	{
 		int64		user_id = PointsGetInt64(i, 1, NULL);
+		bool		ok = PointsTryLockUser(user_id);
 
-		if (PointsTryLockUser(user_id))
+		if (ok)
 			locked[nlocked++] = Int64GetDatum(user_id);
+		if (got)
+			got[i] = ok;
 	}
 	set->n = 0;
 	set->accounts = NULL;

@@ -48,6 +48,17 @@ static SPIPlanPtr plan_keys;
 static SPIPlanPtr plan_mark;
 
 /*
+ * Where this backend's next batch starts looking for queued requests.  The
+ * requests a batch marks stay in request_queued_idx as dead entries until
+ * vacuum; without a starting point every batch of a long run would step
+ * over all of them again.  Nothing below the hint can be missed for long:
+ * a lower request_id still queued (a user that was busy, or a caller that
+ * committed late) is found when a batch past the hint finds nothing and
+ * looks once from the start, which is how every run of batches ends.
+ */
+static int64 queue_scan_from = 0;
+
+/*
  * points_earn_async
  *		points.earn_async(...): queue an earn; returns its request_id.
  *		Checks its arguments like points.earn and takes no lock.
@@ -162,13 +173,17 @@ points_apply_queued(PG_FUNCTION_ARGS)
 {
 	int32		max_requests = PointsArgPositiveInt32(fcinfo, 0, "max_requests");
 	TimestampTz now = GetCurrentTimestamp();
-	static const Oid t_users[3] = {INT4OID, INT4OID, TIMESTAMPTZOID};
+	static const Oid t_users[3] = {INT4OID, INT4OID, INT8OID};
 	static const Oid t_reqs[2] = {INT8ARRAYOID, INT4OID};
 	static const Oid t_keys[2] = {INT8ARRAYOID, TEXTARRAYOID};
 	static const Oid t_mark[5] = {INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID,
 	TEXTARRAYOID, TIMESTAMPTZOID};
 	Datum		values[5];
 	PointsAccountSet set;
+	uint64		ncand;
+	int64	   *cand_min;
+	bool	   *cand_got;
+	int64		next_from = PG_INT64_MAX;
 	int			nreq;
 	int64	   *req_id;
 	int64	   *req_user;
@@ -191,14 +206,29 @@ points_apply_queued(PG_FUNCTION_ARGS)
 	/* the users of the oldest queued requests; take those that are free */
 	values[0] = Int32GetDatum(max_requests);
 	values[1] = Int32GetDatum(POINTS_BATCH_MAX_USERS);
+	values[1] = Int32GetDatum(POINTS_BATCH_MAX_USERS + 1);
+	values[2] = Int64GetDatum(queue_scan_from);
 	PointsPlan(&plan_queued_users,
-			   "SELECT user_id FROM ("
+			   "SELECT user_id, min(request_id) FROM ("
 			   "  SELECT user_id, request_id FROM points.request"
-			   "  WHERE state = 'queued' ORDER BY request_id LIMIT $1) q"
+			   "  WHERE state = 'queued' AND request_id >= $3"
+			   "  ORDER BY request_id LIMIT $1) q"
 			   " GROUP BY user_id ORDER BY min(request_id) LIMIT $2",
-			   2, t_users);
+			   3, t_users);
 	PointsExec(plan_queued_users, values, NULL, false, 0);
-	if (!PointsLockBatchUsers(true, now, &set))
+	if (SPI_processed == 0 && queue_scan_from > 0)
+	{
+		/* past the hint nothing: look once from the start (see below) */
+		queue_scan_from = 0;
+		values[2] = Int64GetDatum(queue_scan_from);
+		PointsExec(plan_queued_users, values, NULL, false, 0);
+	}
+	ncand = SPI_processed;
+	cand_min = palloc(sizeof(int64) * (ncand + 1));
+	cand_got = palloc0(sizeof(bool) * (ncand + 1));
+	for (i = 0; i < ncand; i++)
+		cand_min[i] = PointsGetInt64(i, 2, NULL);
+	if (!PointsLockBatchUsers(true, now, POINTS_BATCH_MAX_USERS, cand_got, &set))
 	{
 		SPI_finish();
 		PG_RETURN_INT64(0);
@@ -437,6 +467,49 @@ points_apply_queued(PG_FUNCTION_ARGS)
 	if (SPI_processed != (uint64) nreq)
 		elog(ERROR, "points: %llu of %d queued requests could be marked",
 			 (unsigned long long) SPI_processed, nreq);
+
+	/*
+	 * The next batch starts at the oldest request it may still have to see:
+	 * that of a user this batch skipped (busy, or past the user cap), else
+	 * the one after the newest request this batch took.  A full batch may
+	 * have left requests of the users it took: after each one's last.
+	 */
+	for (i = 0; i < ncand; i++)
+		if (i >= POINTS_BATCH_MAX_USERS || !cand_got[i])
+			next_from = Min(next_from, cand_min[i]);
+	if (nreq < max_requests)
+	{
+		/* every taken user's queue was read whole: go on after the newest */
+		int64		newest = 0;
+
+		for (r = 0; r < nreq; r++)
+			newest = Max(newest, req_id[r]);
+		next_from = Min(next_from, newest + 1);
+	}
+	else
+	{
+		/* a full batch may have left requests of its users: after each one's last */
+		HASHCTL		uctl;
+		HTAB	   *last;
+		HASH_SEQ_STATUS seq;
+		int64	   *e;
+
+		memset(&uctl, 0, sizeof(uctl));
+		uctl.keysize = sizeof(int64);
+		uctl.entrysize = 2 * sizeof(int64);
+		uctl.hcxt = CurrentMemoryContext;
+		last = hash_create("points queue users", 64, &uctl,
+						   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+		for (r = 0; r < nreq; r++)
+		{
+			e = hash_search(last, &req_user[r], HASH_ENTER, NULL);
+			e[1] = req_id[r];	/* rows come in request_id order */
+		}
+		hash_seq_init(&seq, last);
+		while ((e = hash_seq_search(&seq)) != NULL)
+			next_from = Min(next_from, e[1] + 1);
+	}
+	queue_scan_from = next_from == PG_INT64_MAX ? 0 : next_from;
 	SPI_finish();
 	PG_RETURN_INT64(nreq);
 }
