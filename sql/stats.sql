@@ -134,3 +134,12 @@ SELECT q, pg_temp.try(q) FROM unnest(ARRAY[
 RESET ROLE;
 REVOKE USAGE ON SCHEMA points FROM points_stats_nobody;
 DROP ROLE points_stats_nobody;
+
+-- points.track_stats = off skips the counting (superuser, per session)
+SELECT pg_temp.snap();
+SET points.track_stats = off;
+SELECT amount FROM points.earn(1308, 5);
+SELECT count(*) AS counted FROM pg_temp.delta();
+RESET points.track_stats;
+SELECT amount FROM points.earn(1308, 5);
+SELECT op, calls, points FROM pg_temp.delta();

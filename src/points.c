@@ -25,6 +25,7 @@ int			points_lock_timeout = 2000;
 int			points_default_validity = 365 * 86400;
 int			points_archive_after = 365 * 86400;
 int			points_node_id = 0;
+bool		points_track_stats = true;
 
 char	   *points_database = NULL;
 int			points_expire_interval = 60;
@@ -81,6 +82,14 @@ _PG_init(void)
 							0, 0, 8191,
 							PGC_SUSET, 0,
 							NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("points.track_stats",
+							 "Count calls in points.stats().",
+							 "Off skips the counting, e.g. to measure what it costs.",
+							 &points_track_stats,
+							 true,
+							 PGC_SUSET, 0,
+							 NULL, NULL, NULL);
 
 	DefineCustomStringVariable("points.database",
 							   "Database the background worker connects to.",

@@ -46,6 +46,7 @@ extern int	points_lock_timeout;
 extern int	points_default_validity;
 extern int	points_archive_after;
 extern int	points_node_id;
+extern bool points_track_stats;
 extern char *points_database;
 extern int	points_expire_interval;
 extern int	points_archive_interval;

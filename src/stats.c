@@ -72,7 +72,7 @@ PointsCounted(PointsOp op, PGFunction impl, FunctionCallInfo fcinfo)
 	TimestampTz start;
 	volatile Datum result = (Datum) 0;
 
-	if (points_shared == NULL)
+	if (points_shared == NULL || !points_track_stats)
 		return impl(fcinfo);
 
 	start = GetCurrentTimestamp();
