@@ -243,7 +243,7 @@ points_apply_queued(PG_FUNCTION_ARGS)
 			   " FROM unnest($1) u(user_id),"
 			   "      LATERAL (SELECT * FROM points.request r"
 			   "               WHERE r.user_id = u.user_id AND r.state = 'queued'"
-			   "               ORDER BY r.request_id LIMIT $2) r"
+			   "               ORDER BY r.user_id, r.request_id LIMIT $2) r"
 			   " ORDER BY r.request_id LIMIT $2",
 			   2, t_reqs);
 	PointsExec(plan_requests, values, NULL, false, 0);
