@@ -12,7 +12,7 @@ SHLIB_LINK = $(shell pkg-config --libs rdkafka)
 
 # regression tests: sql/NAME.sql -> expected/NAME.out, run against a
 # cluster that has the library preloaded (see .ci/run and the README)
-REGRESS = earn use_order cancel expiry idempotency history archive verify bad_input privileges guc queue stats alerts daily worker_status fuzz upgrade
+REGRESS = earn use_order cancel expiry idempotency history archive verify bad_input privileges guc queue stats alerts daily worker_status fuzz events upgrade
 REGRESS_OPTS = --inputdir=. --load-extension=points
 
 # isolation specs: test/isolation/specs/NAME.spec -> test/isolation/expected/NAME.out

@@ -15,6 +15,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -25,6 +26,7 @@
 static SPIPlanPtr plan_batch;
 static SPIPlanPtr plan_new_accounts;
 static SPIPlanPtr plan_accounts;
+static SPIPlanPtr plan_lock_accounts;
 
 static int
 CompareAccount(const void *a, const void *b)
@@ -52,6 +54,7 @@ PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
 	Datum	   *locked = palloc(sizeof(Datum) * (SPI_processed + 1));
 	int			nlocked = 0;
 	uint64		i;
+	SPIPlanPtr	plan;
 
 	for (i = 0; i < SPI_processed && i < max_rows; i++)
 	{
@@ -81,11 +84,18 @@ PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
 				   2, types);
 		PointsExec(plan_new_accounts, values, NULL, false, 0);
 	}
-	PointsPlan(&plan_accounts,
-			   "SELECT user_id, balance, last_seq FROM points.account"
-			   " WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
-			   1, types);
-	PointsExec(plan_accounts, values, NULL, false, 0);
+	/* FOR UPDATE only for a transaction snapshot: see PointsLockAccount */
+	if (IsolationUsesXactSnapshot())
+		plan = PointsPlan(&plan_lock_accounts,
+						  "SELECT user_id, balance, last_seq FROM points.account"
+						  " WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
+						  1, types);
+	else
+		plan = PointsPlan(&plan_accounts,
+						  "SELECT user_id, balance, last_seq FROM points.account"
+						  " WHERE user_id = ANY($1) ORDER BY user_id",
+						  1, types);
+	PointsExec(plan, values, NULL, false, 0);
 	set->n = (int) SPI_processed;
 	set->accounts = palloc(sizeof(PointsAccountState) * (set->n + 1));
 	for (i = 0; i < SPI_processed; i++)
@@ -196,18 +206,26 @@ PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
 	static const Oid types[13] = {
 		INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID, INT8ARRAYOID,
 		TEXTARRAYOID, TEXTARRAYOID, JSONBARRAYOID, TIMESTAMPTZARRAYOID,
-		INT8OID, TIMESTAMPTZOID, INT4OID, TEXTARRAYOID
+		INT8ARRAYOID, TIMESTAMPTZOID, JSONBARRAYOID, TEXTARRAYOID
 	};
 	Datum		values[13];
 	Datum	   *d;
 	bool	   *nulls;
+	int64	   *tx_ids;
 	int			n = b->n;
 	int			i;
+	Oid			seq;
 
 	if (n == 0)
 		return;
 	d = palloc(sizeof(Datum) * n);
 	nulls = palloc(sizeof(bool) * n);
+	tx_ids = palloc(sizeof(int64) * n);
+
+	/* tx_ids in batch order, so each user's grow with its user_seq */
+	seq = PointsTxSeq();
+	for (i = 0; i < n; i++)
+		tx_ids[i] = PointsNextTxId(seq);
 
 	values[0] = Int64Array(b->user_id, n);
 	values[1] = Int64Array(b->user_seq, n);
@@ -240,51 +258,43 @@ PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
 		d[i] = TimestampTzGetDatum(b->lot_expires[i]);
 	}
 	values[8] = MakeArray(d, nulls, n, TIMESTAMPTZOID);
-	values[9] = Int64GetDatum((int64) points_node_id);
+	values[9] = Int64Array(tx_ids, n);
 	values[10] = TimestampTzGetDatum(created_at);
-	values[11] = Int32GetDatum(n);
+	for (i = 0; i < n; i++)
+		d[i] = PointsEventPayload(tx_ids[i], b->user_id[i], b->user_seq[i],
+								  b->kind[i], b->amount[i], b->balance_after[i],
+								  created_at, b->key[i], 0, b->reason[i],
+								  b->metadata[i]);
+	values[11] = MakeArray(d, NULL, n, JSONBOID);
 	for (i = 0; i < n; i++)
 		d[i] = CStringGetTextDatum(PointsEventType(b->kind[i]));
 	values[12] = MakeArray(d, NULL, n, TEXTOID);
 
 	PointsPlan(&plan_batch,
-			   "WITH x AS ("
-			   "  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $13)"
-			   "    WITH ORDINALITY AS x(user_id, user_seq, kind, amount, balance_after,"
-			   "                         key, reason, metadata, lot_expires, type, ord)),"
-			   " n AS ("
-			   "  SELECT s.*, ($10 << 40) + nextval('points.tx_seq'::regclass) AS tx_id"
-			   "  FROM (SELECT * FROM x ORDER BY ord) s),"
+			   "WITH n AS ("
+			   "  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13)"
+			   "    WITH ORDINALITY AS n(user_id, user_seq, kind, amount, balance_after,"
+			   "                         key, reason, metadata, lot_expires, tx_id,"
+			   "                         payload, type, ord)),"
 			   " t AS ("
 			   "  INSERT INTO points.ledger (tx_id, user_id, user_seq, kind, amount,"
 			   "    balance_after, idempotency_key, cancels_tx, reason, metadata, created_at)"
 			   "  SELECT tx_id, user_id, user_seq, kind, amount, balance_after, key, NULL,"
-			   "         reason, metadata, $11 FROM n"
-			   "  RETURNING tx_id),"
+			   "         reason, metadata, $11 FROM n),"
 			   " l AS ("
 			   "  INSERT INTO points.lot (lot_id, user_id, amount, remaining, expires_at)"
 			   "  SELECT tx_id, user_id, amount, amount, lot_expires FROM n"
 			   "  WHERE lot_expires IS NOT NULL),"
 			   " o AS ("
 			   "  INSERT INTO points.outbox (id, aggregateid, type, payload, created_at)"
-			   "  SELECT n.tx_id, n.user_id::text, n.type,"
-			   "         jsonb_build_object("
-			   "           'event_id', n.tx_id, 'type', n.type, 'user_id', n.user_id,"
-			   "           'user_seq', n.user_seq, 'tx_id', n.tx_id, 'kind', n.kind,"
-			   "           'amount', n.amount, 'balance_after', n.balance_after,"
-			   "           'occurred_at', to_char($11 AT TIME ZONE 'UTC',"
-			   "                                  'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
-			   "           'idempotency_key', n.key, 'cancels_tx', NULL,"
-			   "           'reason', n.reason, 'metadata', n.metadata),"
-			   "         $11"
-			   "  FROM n),"
+			   "  SELECT tx_id, user_id::text, type, payload, $11 FROM n),"
 			   " a AS ("
 			   "  UPDATE points.account a"
 			   "  SET balance = f.balance_after, last_seq = f.user_seq, updated_at = $11"
 			   "  FROM (SELECT DISTINCT ON (user_id) user_id, balance_after, user_seq"
-			   "        FROM x ORDER BY user_id, ord DESC) f"
+			   "        FROM n ORDER BY user_id, ord DESC) f"
 			   "  WHERE a.user_id = f.user_id)"
-			   " SELECT ord::int4, tx_id FROM n WHERE $12 > 0",
+			   " SELECT ord::int4, tx_id FROM n",
 			   13, types);
 	PointsExec(plan_batch, values, NULL, false, 0);
 	if (SPI_processed != (uint64) n)

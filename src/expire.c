@@ -98,14 +98,10 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 		PointsAccountState *a = PointsFindAccount(&set, PointsGetInt64(i, 2, NULL));
 		int64		lot_id = PointsGetInt64(i, 1, NULL);
 		int64		remaining = PointsGetInt64(i, 3, NULL);
-		char		meta[64];
-
 		a->balance -= remaining;
 		a->last_seq++;
-		snprintf(meta, sizeof(meta), "{\"lot_id\": %lld}", (long long) lot_id);
 		PointsBatchAdd(&batch, a->user_id, a->last_seq, "expire", -remaining,
-					   a->balance, NULL, NULL,
-					   DirectFunctionCall1(jsonb_in, CStringGetDatum(meta)), 0);
+					   a->balance, NULL, NULL, PointsLotMetadata(lot_id), 0);
 	}
 	PointsAppendBatch(&batch, now);
 	SPI_finish();

@@ -10,7 +10,8 @@
  *	  1. idempotency key lookup (a replay returns without any lock)
  *	  2. the user lock (userlock.c), bounded by points.lock_timeout
  *	  3. the key lookup again, now that no one else can write the user
- *	  4. the account row, FOR UPDATE (created by the user's first earn)
+ *	  4. the account row (created by the user's first earn), FOR UPDATE
+ *	     under REPEATABLE READ / SERIALIZABLE (see PointsLockAccount)
  *	  5. lot changes, then one statement that appends the ledger row, its
  *	     outbox event and the account's new balance and user_seq
  *
@@ -22,6 +23,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "common/int.h"
 #include "utils/array.h"
@@ -46,6 +48,7 @@ PG_FUNCTION_INFO_V1(points_cancel);
 #define TXC_CANCELS		8
 
 static SPIPlanPtr plan_lock_account;
+static SPIPlanPtr plan_read_account;
 static SPIPlanPtr plan_new_account;
 static SPIPlanPtr plan_append;
 static SPIPlanPtr plan_key;
@@ -69,12 +72,29 @@ PointsLockAccount(int64 user_id, bool create, PointsAccount *acct)
 	static const Oid types[2] = {INT8OID, TIMESTAMPTZOID};
 	Datum		values[2];
 
+	SPIPlanPtr	plan;
+
 	values[0] = Int64GetDatum(user_id);
 	values[1] = TimestampTzGetDatum(GetCurrentTimestamp());
-	PointsPlan(&plan_lock_account,
-			   "SELECT a.balance, a.last_seq FROM points.account a"
-			   " WHERE a.user_id = $1 FOR UPDATE", 1, types);
-	PointsExec(plan_lock_account, values, NULL, false, 1);
+
+	/*
+	 * Under READ COMMITTED the user lock is all the exclusion there is to
+	 * have: every writer of the account holds it, and each statement here
+	 * takes a fresh snapshot after it was granted, so a plain read sees the
+	 * last holder's commit and FOR UPDATE would only cost a WAL record.  A
+	 * transaction-snapshot caller (REPEATABLE READ, SERIALIZABLE) may have
+	 * taken its snapshot before that commit: FOR UPDATE turns it into 40001
+	 * instead of a stale balance.
+	 */
+	if (IsolationUsesXactSnapshot())
+		plan = PointsPlan(&plan_lock_account,
+						  "SELECT a.balance, a.last_seq FROM points.account a"
+						  " WHERE a.user_id = $1 FOR UPDATE", 1, types);
+	else
+		plan = PointsPlan(&plan_read_account,
+						  "SELECT a.balance, a.last_seq FROM points.account a"
+						  " WHERE a.user_id = $1", 1, types);
+	PointsExec(plan, values, NULL, false, 1);
 	if (SPI_processed == 0 && create)
 	{
 		/* ON CONFLICT: under REPEATABLE READ a row we cannot see is 40001 */
@@ -84,7 +104,7 @@ PointsLockAccount(int64 user_id, bool create, PointsAccount *acct)
 				   " VALUES ($1, 0, 0, $2, $2) ON CONFLICT (user_id) DO NOTHING",
 				   2, types);
 		PointsExec(plan_new_account, values, NULL, false, 0);
-		PointsExec(plan_lock_account, values, NULL, false, 1);
+		PointsExec(plan, values, NULL, false, 1);
 	}
 	acct->exists = SPI_processed > 0;
 	acct->balance = acct->exists ? PointsGetInt64(0, 1, NULL) : 0;
@@ -127,14 +147,15 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 			   TimestampTz created_at, TimestampTz lot_expires_at,
 			   bool make_lot)
 {
-	static const Oid types[14] = {
+	static const Oid types[15] = {
 		INT8OID, INT8OID, INT8OID, TEXTOID, INT8OID, INT8OID, TEXTOID,
 		INT8OID, TEXTOID, JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, BOOLOID,
-		TEXTOID
+		JSONBOID, TEXTOID
 	};
-	Datum		values[14];
-	char		nulls[14];
+	Datum		values[15];
+	char		nulls[15];
 	int64		balance_after;
+	int64		tx_id;
 
 	if (pg_add_s64_overflow(acct->balance, amount, &balance_after))
 		ereport(ERROR,
@@ -144,8 +165,9 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 						(long long) amount)));
 	Assert(balance_after >= 0);
 
+	tx_id = PointsNextTxId(PointsTxSeq());
 	memset(nulls, ' ', sizeof(nulls));
-	values[0] = Int64GetDatum((int64) points_node_id);
+	values[0] = Int64GetDatum(tx_id);
 	values[1] = Int64GetDatum(user_id);
 	values[2] = Int64GetDatum(acct->last_seq + 1);
 	values[3] = CStringGetTextDatum(kind);
@@ -162,36 +184,29 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 	values[10] = TimestampTzGetDatum(created_at);
 	values[11] = TimestampTzGetDatum(lot_expires_at);
 	values[12] = BoolGetDatum(make_lot);
-	values[13] = CStringGetTextDatum(PointsEventType(kind));
+	values[13] = PointsEventPayload(tx_id, user_id, acct->last_seq + 1, kind,
+									amount, balance_after, created_at, key,
+									cancels_tx, reason,
+									metadata_null ? (Datum) 0 : metadata);
+	values[14] = CStringGetTextDatum(PointsEventType(kind));
 
 	PointsPlan(&plan_append,
 			   "WITH t AS ("
 			   "  INSERT INTO points.ledger (" TX_COLS ")"
-			   "  VALUES (($1 << 40) + nextval('points.tx_seq'::regclass),"
-			   "          $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+			   "  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 			   "  RETURNING " TX_COLS "),"
 			   " l AS ("
 			   "  INSERT INTO points.lot (lot_id, user_id, amount, remaining, expires_at)"
 			   "  SELECT t.tx_id, t.user_id, t.amount, t.amount, $12 FROM t WHERE $13),"
 			   " o AS ("
 			   "  INSERT INTO points.outbox (id, aggregateid, type, payload, created_at)"
-			   "  SELECT t.tx_id, t.user_id::text, $14,"
-			   "         jsonb_build_object("
-			   "           'event_id', t.tx_id, 'type', $14, 'user_id', t.user_id,"
-			   "           'user_seq', t.user_seq, 'tx_id', t.tx_id, 'kind', t.kind,"
-			   "           'amount', t.amount, 'balance_after', t.balance_after,"
-			   "           'occurred_at', to_char(t.created_at AT TIME ZONE 'UTC',"
-			   "                                  'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
-			   "           'idempotency_key', t.idempotency_key,"
-			   "           'cancels_tx', t.cancels_tx,"
-			   "           'reason', t.reason, 'metadata', t.metadata),"
-			   "         t.created_at"
+			   "  SELECT t.tx_id, t.user_id::text, $15, $14, t.created_at"
 			   "  FROM t),"
 			   " a AS ("
 			   "  UPDATE points.account SET balance = $6, last_seq = $3, updated_at = $11"
 			   "  WHERE user_id = $2)"
 			   " SELECT " TX_COLS ", false FROM t",
-			   14, types);
+			   15, types);
 	PointsExec(plan_append, values, nulls, false, 0);
 	if (SPI_processed != 1)
 		elog(ERROR, "points: ledger append wrote %llu rows",

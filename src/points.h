@@ -82,6 +82,10 @@ typedef struct PointsOpStats
 typedef struct PointsSharedState
 {
 	Latch	   *worker_latch;	/* set to wake the worker; NULL if none */
+	pg_atomic_uint32 queue_pending; /* a commit queued earns since the
+									 * worker last looked */
+	pg_atomic_uint32 relay_active;	/* the worker relays the outbox (Kafka
+									 * brokers are set): wake it for events */
 	pg_atomic_uint64 stats_reset;	/* TimestampTz of the last reset */
 	PointsOpStats ops[POINTS_OP_COUNT];
 } PointsSharedState;
@@ -90,6 +94,20 @@ extern PointsSharedState *points_shared;
 extern void PointsShmemInit(void);
 extern void PointsWakeWorker(void);
 extern void PointsNoteEvent(void);
+extern void PointsNoteQueued(void);
+extern bool PointsTakeQueuePending(void);
+extern void PointsSetRelayActive(bool active);
+
+/* event.c: the outbox event of a ledger transaction */
+extern Oid	PointsTxSeq(void);
+extern int64 PointsNextTxId(Oid seq);
+extern int	PointsFormatTime(TimestampTz t, char *buf);
+extern Datum PointsEventPayload(int64 tx_id, int64 user_id, int64 user_seq,
+								const char *kind, int64 amount,
+								int64 balance_after, TimestampTz occurred_at,
+								text *key, int64 cancels_tx, text *reason,
+								Datum metadata);
+extern Datum PointsLotMetadata(int64 lot_id);
 
 /* stats.c: per-operation counters in shared memory */
 extern int64 points_call_points;	/* points the current call moved */

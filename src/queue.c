@@ -103,7 +103,7 @@ EarnAsyncImpl(PG_FUNCTION_ARGS)
 	request_id = PointsGetInt64(0, 1, NULL);
 	SPI_finish();
 	points_call_points = req.amount;
-	PointsNoteEvent();			/* wake the worker when this commits */
+	PointsNoteQueued();			/* wake the worker when this commits */
 	PG_RETURN_INT64(request_id);
 }
 

@@ -30,6 +30,7 @@ PointsSharedState *points_shared = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static bool event_written = false;
+static bool queue_written = false;
 static bool callback_registered = false;
 
 static void
@@ -54,6 +55,8 @@ PointsShmemStartup(void)
 	{
 		memset(points_shared, 0, sizeof(PointsSharedState));
 		pg_atomic_init_u64(&points_shared->stats_reset, (uint64) GetCurrentTimestamp());
+		pg_atomic_init_u32(&points_shared->queue_pending, 0);
+		pg_atomic_init_u32(&points_shared->relay_active, 0);
 		for (int i = 0; i < POINTS_OP_COUNT; i++)
 		{
 			PointsOpStats *s = &points_shared->ops[i];
@@ -107,35 +110,91 @@ PointsXactCallback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
-			if (event_written)
+			if (queue_written)
+			{
+				pg_atomic_write_u32(&points_shared->queue_pending, 1);
+				PointsWakeWorker();
+			}
+			else if (event_written &&
+					 pg_atomic_read_u32(&points_shared->relay_active) != 0)
 				PointsWakeWorker();
 			event_written = false;
+			queue_written = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
-			/* a prepared transaction's events wait for the worker's round */
+			/*
+			 * A prepared transaction's events and requests wait for the
+			 * worker's next round (points.queue_interval at the latest).
+			 */
 			event_written = false;
+			queue_written = false;
 			break;
 		default:
 			break;
 	}
 }
 
+static void
+RegisterCallback(void)
+{
+	if (!callback_registered)
+	{
+		RegisterXactCallback(PointsXactCallback, NULL);
+		callback_registered = true;
+	}
+}
+
 /*
  * PointsNoteEvent
  *		The current transaction wrote an outbox event: wake the worker when
- *		it commits.
+ *		it commits, if the worker relays events (brokers are set).
  */
 void
 PointsNoteEvent(void)
 {
 	if (points_shared == NULL)
 		return;
-	if (!callback_registered)
-	{
-		RegisterXactCallback(PointsXactCallback, NULL);
-		callback_registered = true;
-	}
+	RegisterCallback();
 	event_written = true;
+}
+
+/*
+ * PointsNoteQueued
+ *		The current transaction queued an earn: when it commits, tell the
+ *		worker there is queue work and wake it.
+ */
+void
+PointsNoteQueued(void)
+{
+	if (points_shared == NULL)
+		return;
+	RegisterCallback();
+	queue_written = true;
+}
+
+/*
+ * PointsTakeQueuePending
+ *		The worker: did a commit queue earns since the last call?  Clears the
+ *		flag first, so a commit during the apply that follows sets it again
+ *		and is not missed.
+ */
+bool
+PointsTakeQueuePending(void)
+{
+	if (points_shared == NULL)
+		return true;
+	return pg_atomic_exchange_u32(&points_shared->queue_pending, 0) != 0;
+}
+
+/*
+ * PointsSetRelayActive
+ *		The worker: whether commits that wrote events should wake it.
+ */
+void
+PointsSetRelayActive(bool active)
+{
+	if (points_shared != NULL)
+		pg_atomic_write_u32(&points_shared->relay_active, active ? 1 : 0);
 }

@@ -44,6 +44,8 @@
 
 /* how often to look again for the extension when it is not installed */
 #define WORKER_NOT_INSTALLED_MS	5000
+/* how often to check that it is still installed */
+#define WORKER_CHECK_MS			1000
 
 static MemoryContext worker_cxt = NULL;
 static TimestampTz worker_started_at = 0;
@@ -188,6 +190,12 @@ typedef struct JobStep
 	int64		count;			/* out: what the batch did */
 } JobStep;
 
+/* the jobs' statements, prepared once per worker (the plan cache re-plans
+ * them if the extension is dropped and created again) */
+static SPIPlanPtr job_plans[lengthof(worker_jobs)];
+static SPIPlanPtr count_plans[lengthof(worker_jobs)];
+static SPIPlanPtr record_plans[lengthof(worker_jobs)];
+
 static void
 StepBatch(void *arg)
 {
@@ -197,8 +205,8 @@ StepBatch(void *arg)
 	bool		isnull;
 
 	values[0] = Int32GetDatum(worker_jobs[j->job].batch);
-	if (SPI_execute_with_args(worker_jobs[j->job].sql, 1, types, values,
-							  NULL, false, 1) != SPI_OK_SELECT)
+	PointsPlan(&job_plans[j->job], worker_jobs[j->job].sql, 1, types);
+	if (PointsExec(job_plans[j->job], values, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "points worker: %s failed", worker_jobs[j->job].activity);
 	j->count = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 										   SPI_tuptable->tupdesc, 1, &isnull));
@@ -210,9 +218,8 @@ StepBatch(void *arg)
 		Datum		cvalues[1];
 
 		cvalues[0] = Int64GetDatum(j->count);
-		if (SPI_execute_with_args(worker_jobs[j->job].count, 1, ctypes, cvalues,
-								  NULL, false, 0) < 0)
-			elog(ERROR, "points worker: could not update points.worker_state");
+		PointsPlan(&count_plans[j->job], worker_jobs[j->job].count, 1, ctypes);
+		(void) PointsExec(count_plans[j->job], cvalues, NULL, false, 0);
 	}
 }
 
@@ -225,9 +232,8 @@ StepRecordRun(void *arg)
 
 	values[0] = Int64GetDatum(j->count);
 	values[1] = TimestampTzGetDatum(worker_started_at);
-	if (SPI_execute_with_args(worker_jobs[j->job].record, 2, types, values,
-							  NULL, false, 0) < 0)
-		elog(ERROR, "points worker: could not update points.worker_state");
+	PointsPlan(&record_plans[j->job], worker_jobs[j->job].record, 2, types);
+	(void) PointsExec(record_plans[j->job], values, NULL, false, 0);
 }
 
 /*
@@ -298,6 +304,7 @@ points_worker_main(Datum main_arg)
 	TimestampTz last_archive = 0;
 	TimestampTz last_queue = 0;
 	TimestampTz last_monitor = 0;
+	TimestampTz last_check = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
@@ -360,7 +367,9 @@ points_worker_main(Datum main_arg)
 				continue;
 			}
 			warned = false;
+			last_check = GetCurrentTimestamp();
 		}
+		PointsSetRelayActive(points_kafka_brokers && points_kafka_brokers[0]);
 
 		now = GetCurrentTimestamp();
 		if (now >= AddMs(last_expire, (int64) points_expire_interval * 1000))
@@ -374,8 +383,10 @@ points_worker_main(Datum main_arg)
 			last_archive = now;
 			RunBatches(JOB_ARCHIVE);
 		}
-		/* woken by a commit, or points.queue_interval passed */
-		if (!ShutdownRequestPending)
+		/* a commit queued earns, or points.queue_interval passed */
+		if (!ShutdownRequestPending &&
+			(PointsTakeQueuePending() ||
+			 now >= AddMs(last_queue, points_queue_interval)))
 		{
 			last_queue = now;
 			RunBatches(JOB_QUEUE);
@@ -393,9 +404,13 @@ points_worker_main(Datum main_arg)
 
 		PointsKafkaRound();
 
-		/* extension dropped meanwhile? look again before the next round */
-		(void) PointsWorkerTransaction("points: check extension", StepCheckInstalled,
-									   &installed, false);
+		/* extension dropped meanwhile? look again, once a second at most */
+		if (GetCurrentTimestamp() >= AddMs(last_check, WORKER_CHECK_MS))
+		{
+			last_check = GetCurrentTimestamp();
+			(void) PointsWorkerTransaction("points: check extension", StepCheckInstalled,
+										   &installed, false);
+		}
 
 		next = Min(AddMs(last_expire, (int64) points_expire_interval * 1000),
 				   AddMs(last_archive, (int64) points_archive_interval * 1000));

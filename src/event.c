@@ -1,0 +1,218 @@
+/*-------------------------------------------------------------------------
+ *
+ * event.c
+ *	  The outbox event of a ledger transaction, built in C, and the
+ *	  transaction ids it carries.
+ *
+ * Every ledger write appends one event (SPEC.md, "Events"): a JSON object
+ * with event_id (= tx_id), type, user_id, user_seq, tx_id, kind, amount,
+ * balance_after, occurred_at (ISO 8601, UTC, microseconds), idempotency_key,
+ * cancels_tx, reason and metadata.  Building it here rather than with
+ * jsonb_build_object() and to_char() in the append statement saves a
+ * per-argument type lookup and a formatting-template parse for every row;
+ * for that the tx_id is drawn here too, before the statement runs.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/namespace.h"
+#include "commands/sequence.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/numeric.h"
+#include "utils/timestamp.h"
+
+#include "points.h"
+
+/*
+ * PointsTxSeq
+ *		The OID of points.tx_seq, looked up in the catalog caches (it changes
+ *		when the extension is made again).
+ */
+Oid
+PointsTxSeq(void)
+{
+	Oid			nsp = get_namespace_oid("points", false);
+	Oid			seq = get_relname_relid("tx_seq", nsp);
+
+	if (!OidIsValid(seq))
+		elog(ERROR, "points: sequence points.tx_seq is missing");
+	return seq;
+}
+
+/*
+ * PointsNextTxId
+ *		A new tx_id: the node prefix in the top 23 bits, the sequence below.
+ */
+int64
+PointsNextTxId(Oid seq)
+{
+	return ((int64) points_node_id << 40) + nextval_internal(seq, true);
+}
+
+static void
+PushKey(JsonbParseState **st, const char *key)
+{
+	JsonbValue	v;
+
+	v.type = jbvString;
+	v.val.string.val = (char *) key;
+	v.val.string.len = strlen(key);
+	(void) pushJsonbValue(st, WJB_KEY, &v);
+}
+
+static void
+PushInt(JsonbParseState **st, const char *key, int64 value, bool isnull)
+{
+	JsonbValue	v;
+
+	PushKey(st, key);
+	if (isnull)
+		v.type = jbvNull;
+	else
+	{
+		v.type = jbvNumeric;
+		v.val.numeric = int64_to_numeric(value);
+	}
+	(void) pushJsonbValue(st, WJB_VALUE, &v);
+}
+
+static void
+PushString(JsonbParseState **st, const char *key, const char *s, int len)
+{
+	JsonbValue	v;
+
+	PushKey(st, key);
+	if (s == NULL)
+		v.type = jbvNull;
+	else
+	{
+		v.type = jbvString;
+		v.val.string.val = (char *) s;
+		v.val.string.len = len;
+	}
+	(void) pushJsonbValue(st, WJB_VALUE, &v);
+}
+
+static void
+PushText(JsonbParseState **st, const char *key, text *t)
+{
+	if (t == NULL)
+		PushString(st, key, NULL, 0);
+	else
+	{
+		text	   *u = pg_detoast_datum_packed(t);
+
+		PushString(st, key, VARDATA_ANY(u), VARSIZE_ANY_EXHDR(u));
+	}
+}
+
+/* a jsonb value (object, array or scalar) as the value of key */
+static void
+PushJsonb(JsonbParseState **st, const char *key, Datum value)
+{
+	Jsonb	   *jb;
+	JsonbValue	v;
+	JsonbIterator *it;
+	JsonbIteratorToken tok;
+
+	PushKey(st, key);
+	if (value == (Datum) 0)
+	{
+		v.type = jbvNull;
+		(void) pushJsonbValue(st, WJB_VALUE, &v);
+		return;
+	}
+	jb = DatumGetJsonbP(value);
+	if (JB_ROOT_IS_SCALAR(jb))
+	{
+		if (!JsonbExtractScalar(&jb->root, &v))
+			elog(ERROR, "points: bad scalar jsonb");
+		(void) pushJsonbValue(st, WJB_VALUE, &v);
+		return;
+	}
+	it = JsonbIteratorInit(&jb->root);
+	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
+	{
+		if (tok == WJB_END_ARRAY || tok == WJB_END_OBJECT ||
+			tok == WJB_BEGIN_ARRAY || tok == WJB_BEGIN_OBJECT)
+			(void) pushJsonbValue(st, tok, NULL);
+		else
+			(void) pushJsonbValue(st, tok, &v);
+	}
+}
+
+/*
+ * PointsFormatTime
+ *		t as 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"' in UTC (what to_char() with
+ *		that template gives); buf holds at least 40 bytes.
+ */
+int
+PointsFormatTime(TimestampTz t, char *buf)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+
+	if (TIMESTAMP_NOT_FINITE(t) || timestamp2tm(t, NULL, &tm, &fsec, NULL, NULL) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("timestamp out of range")));
+	return snprintf(buf, 40, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ",
+					tm.tm_year > 0 ? tm.tm_year : -(tm.tm_year - 1),
+					tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+					(int) fsec);
+}
+
+/*
+ * PointsEventPayload
+ *		The event of one ledger transaction, as jsonb.  key, reason: NULL for
+ *		none; cancels_tx: 0 for none; metadata: (Datum) 0 for none.
+ */
+Datum
+PointsEventPayload(int64 tx_id, int64 user_id, int64 user_seq,
+				   const char *kind, int64 amount, int64 balance_after,
+				   TimestampTz occurred_at, text *key, int64 cancels_tx,
+				   text *reason, Datum metadata)
+{
+	JsonbParseState *st = NULL;
+	JsonbValue *res;
+	const char *type = PointsEventType(kind);
+	char		when[40];
+	int			len = PointsFormatTime(occurred_at, when);
+
+	(void) pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	PushInt(&st, "event_id", tx_id, false);
+	PushString(&st, "type", type, strlen(type));
+	PushInt(&st, "user_id", user_id, false);
+	PushInt(&st, "user_seq", user_seq, false);
+	PushInt(&st, "tx_id", tx_id, false);
+	PushString(&st, "kind", kind, strlen(kind));
+	PushInt(&st, "amount", amount, false);
+	PushInt(&st, "balance_after", balance_after, false);
+	PushString(&st, "occurred_at", when, len);
+	PushText(&st, "idempotency_key", key);
+	PushInt(&st, "cancels_tx", cancels_tx, cancels_tx == 0);
+	PushText(&st, "reason", reason);
+	PushJsonb(&st, "metadata", metadata);
+	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	return JsonbPGetDatum(JsonbValueToJsonb(res));
+}
+
+/*
+ * PointsLotMetadata
+ *		{"lot_id": N}, the metadata of an expire transaction.
+ */
+Datum
+PointsLotMetadata(int64 lot_id)
+{
+	JsonbParseState *st = NULL;
+	JsonbValue *res;
+
+	(void) pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	PushInt(&st, "lot_id", lot_id, false);
+	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	return JsonbPGetDatum(JsonbValueToJsonb(res));
+}
