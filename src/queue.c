@@ -205,7 +205,6 @@ points_apply_queued(PG_FUNCTION_ARGS)
 
 	/* the users of the oldest queued requests; take those that are free */
 	values[0] = Int32GetDatum(max_requests);
-	values[1] = Int32GetDatum(POINTS_BATCH_MAX_USERS);
 	values[1] = Int32GetDatum(POINTS_BATCH_MAX_USERS + 1);
 	values[2] = Int64GetDatum(queue_scan_from);
 	PointsPlan(&plan_queued_users,
@@ -461,7 +460,8 @@ points_apply_queued(PG_FUNCTION_ARGS)
 			   "UPDATE points.request r"
 			   " SET state = x.state, tx_id = x.tx_id, error = x.error, applied_at = $5"
 			   " FROM unnest($1, $2, $3, $4) x(request_id, state, tx_id, error)"
-			   " WHERE r.request_id = x.request_id AND r.state = 'queued'",
+			   " WHERE r.request_id = ANY($1) AND r.request_id = x.request_id"
+			   "   AND r.state = 'queued'",
 			   5, t_mark);
 	PointsExec(plan_mark, values, NULL, false, 0);
 	if (SPI_processed != (uint64) nreq)

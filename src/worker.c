@@ -236,11 +236,50 @@ StepRecordRun(void *arg)
 	(void) PointsExec(record_plans[j->job], values, NULL, false, 0);
 }
 
+static void RunBatches(WorkerJob job);
+
+/*
+ * WorkerPause
+ *		Let ms pass between two batches of a paced job, relaying events and
+ *		applying queued earns when a commit wakes the worker meanwhile.
+ */
+static void
+WorkerPause(long ms)
+{
+	TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ms);
+
+	while (!ShutdownRequestPending)
+	{
+		TimestampTz now = GetCurrentTimestamp();
+		long		wait = now < until ? (long) ((until - now + 999) / 1000) : 0;
+		long		kafka_wait = PointsKafkaWaitMs();
+		int			sock = PointsKafkaSocket();
+		int			events = WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH;
+
+		if (wait <= 0)
+			break;
+		if (kafka_wait >= 0 && kafka_wait < wait)
+			wait = kafka_wait;
+		if (sock >= 0)
+			events |= WL_SOCKET_READABLE;
+		(void) WaitLatchOrSocket(MyLatch, events, sock, Max(wait, 1),
+								 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		if (PointsTakeQueuePending())
+			RunBatches(JOB_QUEUE);
+		PointsKafkaRound();
+	}
+}
+
 /*
  * RunBatches
  *		Run a job's batches until one does nothing (or fails, or shutdown is
  *		asked for), then record the run.  The queue records only runs that
- *		did something: it runs every points.queue_interval.
+ *		did something: it runs every points.queue_interval.  Archiving is
+ *		paced: after each batch the worker rests as long as the batch took,
+ *		so moving a backlog of old rows takes at most half of what the disk
+ *		and a core give, and the calls running meanwhile keep the rest.
  */
 static void
 RunBatches(WorkerJob job)
@@ -250,14 +289,17 @@ RunBatches(WorkerJob job)
 	for (;;)
 	{
 		JobStep		step = {job, 0};
+		TimestampTz started = GetCurrentTimestamp();
 
 		if (!PointsWorkerTransaction(worker_jobs[job].activity, StepBatch, &step, true))
 			break;
 		total.count += step.count;
 		if (step.count == 0 || ShutdownRequestPending || job == JOB_MONITOR)
 			break;
+		if (job == JOB_ARCHIVE)
+			WorkerPause((long) ((GetCurrentTimestamp() - started) / 1000));
 		/* a long backlog must not hold up the events */
-		if (job != JOB_QUEUE || step.count >= worker_jobs[job].batch)
+		else if (job != JOB_QUEUE || step.count >= worker_jobs[job].batch)
 			PointsKafkaRound();
 		CHECK_FOR_INTERRUPTS();
 	}
