@@ -402,10 +402,10 @@ w7() {
     log "W7: loading $rows old ledger rows ($W7_USERS users x $((W7_PAIRS * 2)))"
     q -v ubase=$W7_BASE -v nu=$W7_USERS -v pairs=$W7_PAIRS -f "$SQL/load_old_ledger.sql" || return 1
     q -c "CHECKPOINT"
-    log "W7: W1 alone vs W1 while archive(10000) runs, $ROUNDS round(s)"
+    log "W7: W1 alone vs W1 while archive(${W7_BATCH:-2000}) runs paced, $ROUNDS round(s)"
     for ((r = 1; r <= ROUNDS; r++)); do
         read -r a b <<<"$(pgb w7-w1 -f "$SQL/w1_earn_use.sql" "${W1ARGS[@]}")"; base+=" $a"; eb=$((eb + b))
-        PGOPTIONS="-c bench.batch=10000 -c bench.max_s=$SECS" psql -X -q -f "$SQL/archive_loop.sql" \
+        PGOPTIONS="-c bench.batch=${W7_BATCH:-2000} -c bench.rest=${W7_REST:-1} -c bench.max_s=$SECS" psql -X -q -f "$SQL/archive_loop.sql" \
             >"$OUT/runs/w7-archive-$r.txt" 2>&1 &
         read -r a b <<<"$(pgb w7-ours -f "$SQL/w1_earn_use.sql" "${W1ARGS[@]}")"; ours+=" $a"; eo=$((eo + b))
         wait
@@ -418,7 +418,7 @@ w7() {
     result W7 "W1 alone" "$base" "$ours" w7-w1 w7-ours $eo $eb ">=0.8x during archiving" 0.8 \
         "archived $arch of $rows rows during the runs; $left old rows left afterwards$([[ $left == 0 ]] && echo ' (archiving finished early: later runs were not all during it)')"
     extra "W7 archive rate while W1 runs" "$(fmt "$(calc "$arch / ($asecs + 0.001)")") rows/s" "-" report \
-        "$arch rows in ${asecs}s of archive(10000) calls"
+        "$arch rows in ${asecs}s of paced archive(${W7_BATCH:-2000}) calls"
     [[ -z $(q -c "SELECT 1 FROM points.verify($((W7_BASE + 1))) UNION ALL SELECT 1 FROM points.verify($((W7_BASE + W7_USERS)))") ]] ||
         extra "W7 verify" "inconsistent" "-" MISS ""
 }

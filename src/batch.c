@@ -194,6 +194,49 @@ Int64Array(int64 *v, int n)
 }
 
 /*
+ * FinalStates
+ *		Each user's last balance_after and user_seq in the batch, as three
+ *		int8[] (user_id, balance, last_seq) in out[0..2].  The account update
+ *		matches them by primary key (user_id = ANY), so its plan never
+ *		scans the whole account table.
+ */
+static void
+FinalStates(PointsTxBatch *b, Datum *out)
+{
+	HASHCTL		ctl;
+	HTAB	   *last;
+	HASH_SEQ_STATUS seq;
+	int64	   *e;
+	int64	   *users = palloc(sizeof(int64) * b->n);
+	int64	   *balances = palloc(sizeof(int64) * b->n);
+	int64	   *seqs = palloc(sizeof(int64) * b->n);
+	int			nu = 0;
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(int64);
+	ctl.entrysize = 2 * sizeof(int64);	/* user_id, index of its last tx */
+	ctl.hcxt = CurrentMemoryContext;
+	last = hash_create("points batch users", Max(b->n, 16), &ctl,
+					   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	for (int i = 0; i < b->n; i++)
+	{
+		e = hash_search(last, &b->user_id[i], HASH_ENTER, NULL);
+		e[1] = i;				/* entries of a user come in user_seq order */
+	}
+	hash_seq_init(&seq, last);
+	while ((e = hash_seq_search(&seq)) != NULL)
+	{
+		users[nu] = b->user_id[e[1]];
+		balances[nu] = b->balance_after[e[1]];
+		seqs[nu++] = b->user_seq[e[1]];
+	}
+	hash_destroy(last);
+	out[0] = Int64Array(users, nu);
+	out[1] = Int64Array(balances, nu);
+	out[2] = Int64Array(seqs, nu);
+}
+
+/*
  * PointsAppendBatch
  *		Write every transaction of the batch, with its lot (earns), its
  *		outbox event, and each account's final balance and user_seq.  On
@@ -203,12 +246,13 @@ Int64Array(int64 *v, int n)
 void
 PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
 {
-	static const Oid types[13] = {
+	static const Oid types[16] = {
 		INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID, INT8ARRAYOID,
 		TEXTARRAYOID, TEXTARRAYOID, JSONBARRAYOID, TIMESTAMPTZARRAYOID,
-		INT8ARRAYOID, TIMESTAMPTZOID, JSONBARRAYOID, TEXTARRAYOID
+		INT8ARRAYOID, TIMESTAMPTZOID, JSONBARRAYOID, TEXTARRAYOID,
+		INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID
 	};
-	Datum		values[13];
+	Datum		values[16];
 	Datum	   *d;
 	bool	   *nulls;
 	int64	   *tx_ids;
@@ -269,6 +313,7 @@ PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
 	for (i = 0; i < n; i++)
 		d[i] = CStringGetTextDatum(PointsEventType(b->kind[i]));
 	values[12] = MakeArray(d, NULL, n, TEXTOID);
+	FinalStates(b, &values[13]);
 
 	PointsPlan(&plan_batch,
 			   "WITH n AS ("
@@ -290,13 +335,12 @@ PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
 			   "  SELECT tx_id, user_id::text, type, payload, $11 FROM n),"
 			   " a AS ("
 			   "  UPDATE points.account a"
-			   "  SET balance = f.balance_after, last_seq = f.user_seq, updated_at = $11"
-			   "  FROM (SELECT DISTINCT ON (user_id) user_id, balance_after, user_seq"
-			   "        FROM n ORDER BY user_id, ord DESC) f"
-			   "  WHERE a.user_id = f.user_id)"
+			   "  SET balance = f.balance, last_seq = f.last_seq, updated_at = $11"
+			   "  FROM unnest($14, $15, $16) f(user_id, balance, last_seq)"
+			   "  WHERE a.user_id = ANY($14) AND a.user_id = f.user_id)"
 			   " SELECT ord::int4, tx_id FROM n",
-			   13, types);
-	PointsExec(plan_batch, values, NULL, false, 0);
+			   16, types);
+	PointsExecIndexed(plan_batch, values, NULL, false, 0);
 	if (SPI_processed != (uint64) n)
 		elog(ERROR, "points: batch append wrote %llu of %d transactions",
 			 (unsigned long long) SPI_processed, n);

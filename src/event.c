@@ -22,6 +22,7 @@
 #include "utils/datetime.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/numeric.h"
 #include "utils/timestamp.h"
 
@@ -51,6 +52,34 @@ int64
 PointsNextTxId(Oid seq)
 {
 	return ((int64) points_node_id << 40) + nextval_internal(seq, true);
+}
+
+/*
+ * The parse state and the numerics of a built object are garbage once the
+ * jsonb is made: build in a context of our own and reset it after each, so
+ * that a batch of thousands of events does not grow the caller's memory by
+ * megabytes (page faults were a fifth of an expiry batch).
+ */
+static MemoryContext build_cxt = NULL;
+
+static MemoryContext
+BeginBuild(void)
+{
+	if (build_cxt == NULL)
+		build_cxt = AllocSetContextCreate(TopMemoryContext, "points event",
+										  ALLOCSET_DEFAULT_SIZES);
+	return MemoryContextSwitchTo(build_cxt);
+}
+
+static Datum
+EndBuild(MemoryContext outer, JsonbValue *res)
+{
+	Jsonb	   *built = JsonbValueToJsonb(res);
+
+	MemoryContextSwitchTo(outer);
+	built = (Jsonb *) pg_detoast_datum_copy((struct varlena *) built);
+	MemoryContextReset(build_cxt);
+	return JsonbPGetDatum(built);
 }
 
 static void
@@ -178,10 +207,10 @@ PointsEventPayload(int64 tx_id, int64 user_id, int64 user_seq,
 				   text *reason, Datum metadata)
 {
 	JsonbParseState *st = NULL;
-	JsonbValue *res;
 	const char *type = PointsEventType(kind);
 	char		when[40];
 	int			len = PointsFormatTime(occurred_at, when);
+	MemoryContext outer = BeginBuild();
 
 	(void) pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
 	PushInt(&st, "event_id", tx_id, false);
@@ -197,8 +226,7 @@ PointsEventPayload(int64 tx_id, int64 user_id, int64 user_seq,
 	PushInt(&st, "cancels_tx", cancels_tx, cancels_tx == 0);
 	PushText(&st, "reason", reason);
 	PushJsonb(&st, "metadata", metadata);
-	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
-	return JsonbPGetDatum(JsonbValueToJsonb(res));
+	return EndBuild(outer, pushJsonbValue(&st, WJB_END_OBJECT, NULL));
 }
 
 /*
@@ -209,10 +237,9 @@ Datum
 PointsLotMetadata(int64 lot_id)
 {
 	JsonbParseState *st = NULL;
-	JsonbValue *res;
+	MemoryContext outer = BeginBuild();
 
 	(void) pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
 	PushInt(&st, "lot_id", lot_id, false);
-	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
-	return JsonbPGetDatum(JsonbValueToJsonb(res));
+	return EndBuild(outer, pushJsonbValue(&st, WJB_END_OBJECT, NULL));
 }

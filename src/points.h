@@ -137,7 +137,10 @@ extern SPIPlanPtr PointsPlan(SPIPlanPtr *slot, const char *sql,
 							 int nargs, const Oid *argtypes);
 extern int	PointsExec(SPIPlanPtr plan, Datum *values, const char *nulls,
 					   bool read_only, long count);
+extern int	PointsExecIndexed(SPIPlanPtr plan, Datum *values, const char *nulls,
+							  bool read_only, long count);
 extern int64 PointsGetInt64(int row, int col, bool *isnull);
+extern int64 PointsGetInt64Of(SPITupleTable *tab, uint64 row, int col);
 extern int64 PointsArgInt64(FunctionCallInfo fcinfo, int argno, const char *name);
 extern int32 PointsArgPositiveInt32(FunctionCallInfo fcinfo, int argno, const char *name);
 extern text *PointsArgText(FunctionCallInfo fcinfo, int argno, const char *name,

@@ -463,7 +463,7 @@ points_apply_queued(PG_FUNCTION_ARGS)
 			   " WHERE r.request_id = ANY($1) AND r.request_id = x.request_id"
 			   "   AND r.state = 'queued'",
 			   5, t_mark);
-	PointsExec(plan_mark, values, NULL, false, 0);
+	PointsExecIndexed(plan_mark, values, NULL, false, 0);
 	if (SPI_processed != (uint64) nreq)
 		elog(ERROR, "points: %llu of %d queued requests could be marked",
 			 (unsigned long long) SPI_processed, nreq);

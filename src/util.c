@@ -17,6 +17,8 @@
 #include "utils/lsyscache.h"
 #include "utils/tuplestore.h"
 
+#include "utils/guc.h"
+
 #include "points.h"
 
 /*
@@ -60,6 +62,29 @@ PointsExec(SPIPlanPtr plan, Datum *values, const char *nulls, bool read_only,
 }
 
 /*
+ * PointsExecIndexed
+ *		PointsExec with enable_seqscan off for this statement only (as a
+ *		function's SET clause would do), for the few set-based statements
+ *		that name their rows exactly (by ctid or key arrays) and would
+ *		otherwise be planned as a scan of the whole table when the
+ *		statistics or the cost model misjudge them.  A failure restores the
+ *		setting with the (sub)transaction's abort.
+ */
+int
+PointsExecIndexed(SPIPlanPtr plan, Datum *values, const char *nulls,
+				  bool read_only, long count)
+{
+	int			nest = NewGUCNestLevel();
+	int			rc;
+
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	rc = PointsExec(plan, values, nulls, read_only, count);
+	AtEOXact_GUC(true, nest);
+	return rc;
+}
+
+/*
  * PointsGetInt64
  *		Column col (1-based) of result row as int64; 0 when NULL.
  */
@@ -72,6 +97,19 @@ PointsGetInt64(int row, int col, bool *isnull)
 
 	if (isnull)
 		*isnull = null;
+	return null ? 0 : DatumGetInt64(d);
+}
+
+/*
+ * PointsGetInt64Of
+ *		Column col (1-based) of row of a kept result table; 0 when NULL.
+ */
+int64
+PointsGetInt64Of(SPITupleTable *tab, uint64 row, int col)
+{
+	bool		null;
+	Datum		d = SPI_getbinval(tab->vals[row], tab->tupdesc, col, &null);
+
 	return null ? 0 : DatumGetInt64(d);
 }
 

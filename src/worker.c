@@ -166,7 +166,7 @@ static const struct
 		"UPDATE points.worker_state SET expire_total_lots = expire_total_lots + $1",
 		"UPDATE points.worker_state SET expire_last_run = now(), expire_last_lots = $1,"
 	" started_at = $2"},
-	{"points: archive", "SELECT points.archive($1)", 10000,
+	{"points: archive", "SELECT points.archive($1)", 2000,
 		"UPDATE points.worker_state SET archive_total_rows = archive_total_rows + $1",
 		"UPDATE points.worker_state SET archive_last_run = now(), archive_last_rows = $1,"
 	" started_at = $2"},

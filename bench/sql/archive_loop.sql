@@ -13,7 +13,7 @@ BEGIN
         COMMIT;
         total := total + n; calls := calls + 1;
         EXIT WHEN n = 0 OR clock_timestamp() - t0 > make_interval(secs => current_setting('bench.max_s')::float8);
-        PERFORM pg_sleep(extract(epoch FROM clock_timestamp() - t1));
+        PERFORM pg_sleep(current_setting('bench.rest')::float8 * extract(epoch FROM clock_timestamp() - t1));
     END LOOP;
     RAISE NOTICE 'archived % rows in % calls, % s', total, calls,
         round(extract(epoch FROM clock_timestamp() - t0)::numeric, 3);
