@@ -456,12 +456,18 @@ points_apply_queued(PG_FUNCTION_ARGS)
 													   TEXTOID, -1, false, TYPALIGN_INT));
 		values[4] = TimestampTzGetDatum(now);
 	}
+	/*
+	 * By primary key.  "Still queued" is asked as applied_at IS NULL (set
+	 * by this statement only, with the state): a test of state itself
+	 * would match the partial indexes' predicate and let the planner walk
+	 * the whole queue through one of them.
+	 */
 	PointsPlan(&plan_mark,
 			   "UPDATE points.request r"
 			   " SET state = x.state, tx_id = x.tx_id, error = x.error, applied_at = $5"
 			   " FROM unnest($1, $2, $3, $4) x(request_id, state, tx_id, error)"
 			   " WHERE r.request_id = ANY($1) AND r.request_id = x.request_id"
-			   "   AND r.state = 'queued'",
+			   "   AND r.applied_at IS NULL",
 			   5, t_mark);
 	PointsExecIndexed(plan_mark, values, NULL, false, 0);
 	if (SPI_processed != (uint64) nreq)
