@@ -76,7 +76,7 @@ PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
 	values[1] = TimestampTzGetDatum(now);
 	if (create)
 	{
-		PointsPlan(&plan_new_accounts,
+		PointsPlanSet(&plan_new_accounts,
 				   "INSERT INTO points.account (user_id, balance, last_seq, created_at, updated_at)"
 				   " SELECT u, 0, 0, $2, $2 FROM unnest($1) u"
 				   " WHERE NOT EXISTS (SELECT FROM points.account a WHERE a.user_id = u)"
@@ -86,12 +86,12 @@ PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
 	}
 	/* FOR UPDATE only for a transaction snapshot: see PointsLockAccount */
 	if (IsolationUsesXactSnapshot())
-		plan = PointsPlan(&plan_lock_accounts,
+		plan = PointsPlanSet(&plan_lock_accounts,
 						  "SELECT user_id, balance, last_seq FROM points.account"
 						  " WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
 						  1, types);
 	else
-		plan = PointsPlan(&plan_accounts,
+		plan = PointsPlanSet(&plan_accounts,
 						  "SELECT user_id, balance, last_seq FROM points.account"
 						  " WHERE user_id = ANY($1) ORDER BY user_id",
 						  1, types);
@@ -315,7 +315,7 @@ PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
 	values[12] = MakeArray(d, NULL, n, TEXTOID);
 	FinalStates(b, &values[13]);
 
-	PointsPlan(&plan_batch,
+	PointsPlanSet(&plan_batch,
 			   "WITH n AS ("
 			   "  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13)"
 			   "    WITH ORDINALITY AS n(user_id, user_seq, kind, amount, balance_after,"

@@ -86,7 +86,7 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 	values[0] = set.users;
 	values[1] = TimestampTzGetDatum(now);
 	values[2] = Int32GetDatum(max_lots);
-	PointsPlan(&plan_due_lots,
+	PointsPlanSet(&plan_due_lots,
 			   "SELECT lot_id, user_id, remaining, tid FROM ("
 			   "  SELECT l.lot_id, l.user_id, l.remaining, l.expires_at, l.tid"
 			   "  FROM unnest($1) u(user_id),"
@@ -121,7 +121,7 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 	 * The planner prices a fetch of 10,000 tids as 10,000 random reads and
 	 * would rather scan the whole table; it must not (see PointsExecIndexed).
 	 */
-	PointsPlan(&plan_empty_lots,
+	PointsPlanSet(&plan_empty_lots,
 			   "UPDATE points.lot SET remaining = 0 WHERE ctid = ANY($1)",
 			   1, empty_types);
 	PointsExecIndexed(plan_empty_lots, empty_values, NULL, false, 0);

@@ -236,7 +236,7 @@ points_apply_queued(PG_FUNCTION_ARGS)
 	/* their queued requests, oldest first, read now that we hold the users */
 	values[0] = set.users;
 	values[1] = Int32GetDatum(max_requests);
-	PointsPlan(&plan_requests,
+	PointsPlanSet(&plan_requests,
 			   "SELECT r.request_id, r.user_id, r.amount, r.idempotency_key,"
 			   "       r.expires_at, r.reason, r.metadata"
 			   " FROM unnest($1) u(user_id),"
@@ -294,7 +294,7 @@ points_apply_queued(PG_FUNCTION_ARGS)
 
 			kv[0] = PointerGetDatum(construct_array(kuser, nkeys, INT8OID, 8, true, TYPALIGN_DOUBLE));
 			kv[1] = PointerGetDatum(construct_array(kkey, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
-			PointsPlan(&plan_keys,
+			PointsPlanSet(&plan_keys,
 					   "SELECT g.user_id, g.idempotency_key, g.tx_id, g.kind, abs(g.amount)"
 					   " FROM unnest($1, $2) k(user_id, key)"
 					   " JOIN points.ledger g ON g.user_id = k.user_id AND g.idempotency_key = k.key"
@@ -462,7 +462,7 @@ points_apply_queued(PG_FUNCTION_ARGS)
 	 * would match the partial indexes' predicate and let the planner walk
 	 * the whole queue through one of them.
 	 */
-	PointsPlan(&plan_mark,
+	PointsPlanSet(&plan_mark,
 			   "UPDATE points.request r"
 			   " SET state = x.state, tx_id = x.tx_id, error = x.error, applied_at = $5"
 			   " FROM unnest($1, $2, $3, $4) x(request_id, state, tx_id, error)"
