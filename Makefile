@@ -21,3 +21,7 @@ ISOLATION_OPTS = --inputdir=test/isolation --load-extension=points
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# every object depends on the shared header (PGXS tracks no header
+# dependencies): a changed struct must never leave a stale object behind
+$(OBJS): src/points.h

@@ -214,6 +214,7 @@ DestroyProducer(void)
 	batch = NULL;
 	if (batch_cxt)
 		MemoryContextReset(batch_cxt);
+	PointsSetRelayActive(false);
 }
 
 /*
@@ -458,7 +459,20 @@ PointsKafkaRound(void)
 	if (batch && batch->resolved >= batch->produced)
 		FinishBatch();
 	if (batch == NULL && GetCurrentTimestamp() >= retry_at)
+	{
+		/*
+		 * Commits that write events wake the worker only while it has no
+		 * batch in flight: when one is acked, the next read finds what was
+		 * committed meanwhile, so waking it for each commit (thousands a
+		 * second) would cost a core for nothing.  The flag goes up before
+		 * the read takes its snapshot, so a commit the read does not see
+		 * finds it up and wakes the worker.
+		 */
+		PointsSetRelayActive(true);
+		pg_memory_barrier();
 		(void) PointsWorkerTransaction("points: read outbox", StepReadBatch, NULL, true);
+	}
+	PointsSetRelayActive(batch == NULL && !more_rows);
 
 record:
 	if (last_error_new)

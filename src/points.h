@@ -84,8 +84,8 @@ typedef struct PointsSharedState
 	Latch	   *worker_latch;	/* set to wake the worker; NULL if none */
 	pg_atomic_uint32 queue_pending; /* a commit queued earns since the
 									 * worker last looked */
-	pg_atomic_uint32 relay_active;	/* the worker relays the outbox (Kafka
-									 * brokers are set): wake it for events */
+	pg_atomic_uint32 relay_active;	/* the relay waits for events (brokers
+									 * set, no batch in flight): wake it */
 	pg_atomic_uint64 stats_reset;	/* TimestampTz of the last reset */
 	PointsOpStats ops[POINTS_OP_COUNT];
 } PointsSharedState;

@@ -25,6 +25,9 @@
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "common/int.h"
 #include "utils/array.h"
@@ -32,6 +35,7 @@
 #include "utils/hsearch.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "points.h"
@@ -164,6 +168,44 @@ KeyLookup(HTAB *keys, int64 user_id, text *key, bool *found)
 }
 
 /*
+ * Statistics taken while the queue was (nearly) empty make the planner
+ * believe request_queued_idx holds no entries: the per-user fetch then
+ * walks the whole queue once per user through it, 7 s a batch with a
+ * campaign of a million queued, until autovacuum's next ANALYZE (up to a
+ * minute, autovacuum_naptime, later).  A batch that sees at least
+ * QUEUE_STALE_MIN_USERS users while the index is believed to hold fewer
+ * entries than that analyzes points.request first (a sample, ~0.1 s), at
+ * most once per QUEUE_ANALYZE_EVERY_MS in a session.
+ */
+#define QUEUE_STALE_MIN_USERS	100
+#define QUEUE_ANALYZE_EVERY_MS	10000
+
+static TimestampTz queue_analyzed_at = 0;
+
+static bool
+RequestStatsStale(double users_seen)
+{
+	Oid			nsp = get_namespace_oid("points", false);
+	Oid			idx = get_relname_relid("request_queued_idx", nsp);
+	HeapTuple	tup;
+	float4		reltuples;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (!OidIsValid(idx) ||
+		now < TimestampTzPlusMilliseconds(queue_analyzed_at, QUEUE_ANALYZE_EVERY_MS))
+		return false;
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(idx));
+	if (!HeapTupleIsValid(tup))
+		return false;
+	reltuples = ((Form_pg_class) GETSTRUCT(tup))->reltuples;
+	ReleaseSysCache(tup);
+	if (reltuples < 0 || reltuples >= users_seen)
+		return false;			/* never analyzed (planner guesses), or fine */
+	queue_analyzed_at = now;
+	return true;
+}
+
+/*
  * points_apply_queued
  *		points.apply_queued(max_requests): apply or reject at most
  *		max_requests queued requests now; returns how many.
@@ -223,6 +265,14 @@ points_apply_queued(PG_FUNCTION_ARGS)
 		PointsExec(plan_queued_users, values, NULL, false, 0);
 	}
 	ncand = SPI_processed;
+	if (ncand >= QUEUE_STALE_MIN_USERS && RequestStatsStale((double) ncand))
+	{
+		/* plan the rest of this batch (and the next ones) on fresh numbers */
+		if (SPI_execute("ANALYZE points.request", false, 0) < 0)
+			elog(ERROR, "points: could not analyze points.request");
+		PointsExec(plan_queued_users, values, NULL, false, 0);
+		ncand = SPI_processed;
+	}
 	cand_min = palloc(sizeof(int64) * (ncand + 1));
 	cand_got = palloc0(sizeof(bool) * (ncand + 1));
 	for (i = 0; i < ncand; i++)

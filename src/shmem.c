@@ -149,7 +149,8 @@ RegisterCallback(void)
 /*
  * PointsNoteEvent
  *		The current transaction wrote an outbox event: wake the worker when
- *		it commits, if the worker relays events (brokers are set).
+ *		it commits, if the relay waits for events (brokers are set and no
+ *		batch is in flight: see kafka.c).
  */
 void
 PointsNoteEvent(void)
@@ -190,7 +191,8 @@ PointsTakeQueuePending(void)
 
 /*
  * PointsSetRelayActive
- *		The worker: whether commits that wrote events should wake it.
+ *		The relay (kafka.c): whether commits that wrote events should wake
+ *		the worker.
  */
 void
 PointsSetRelayActive(bool active)

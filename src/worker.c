@@ -411,7 +411,6 @@ points_worker_main(Datum main_arg)
 			warned = false;
 			last_check = GetCurrentTimestamp();
 		}
-		PointsSetRelayActive(points_kafka_brokers && points_kafka_brokers[0]);
 
 		now = GetCurrentTimestamp();
 		if (now >= AddMs(last_expire, (int64) points_expire_interval * 1000))
