@@ -82,3 +82,13 @@ SELECT state, count(*) FROM points.request WHERE user_id BETWEEN 1110 AND 1119 G
 
 SELECT count(*) FROM points.request WHERE state = 'queued';
 SELECT * FROM points.verify();
+
+-- statistics taken while nothing was queued (the planner would believe the
+-- queue empty) are refreshed by the first batch that sees 100+ users
+ANALYZE points.request;
+SELECT reltuples FROM pg_class WHERE oid = 'points.request_queued_idx'::regclass;
+SELECT count(points.earn_async(u, 1)) FROM generate_series(770001, 770250) u;
+SELECT points.apply_queued();
+SELECT reltuples >= 250 AS analyzed FROM pg_class WHERE oid = 'points.request_queued_idx'::regclass;
+SELECT count(*) FROM points.request WHERE state = 'queued';
+SELECT * FROM points.verify();
