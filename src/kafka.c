@@ -40,9 +40,11 @@
 
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "access/transam.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "points.h"
@@ -79,6 +81,33 @@ static char fatal_cause[512];
 static bool more_rows = false;	/* the last batch was full */
 static TimestampTz retry_at = 0;	/* no new producer or batch before this */
 static int	failure_backoff_ms = 0;	/* pause after a batch with failures */
+
+/*
+ * Where the next read starts.  Published rows are deleted, but their index
+ * entries stay until VACUUM: a read from the start of the outbox would walk
+ * every one of them, each batch (a busy server leaves hundreds of
+ * thousands).  A read may not simply go on after the last id it saw: ids
+ * are taken before commit, so a transaction that drew a smaller id may
+ * still commit, and one user's later event must never go out before it.
+ * So reads start at scan_from, which moves up to the end of what a read saw
+ * only once every transaction that was running during that read has ended
+ * (a later snapshot's xmin is past the read's xmax): from then on no row
+ * below it can appear.  A failure, a new producer, an empty read or every
+ * OUTBOX_RESCAN_MS a read starts from the beginning again.
+ */
+#define OUTBOX_RESCAN_MS	10000
+static int64 scan_from = 0;
+static int64 pending_from = 0;	/* scan_from once pending_xmax has passed */
+static TransactionId pending_xmax = InvalidTransactionId;
+static TimestampTz rescan_at = 0;
+
+static void
+ScanFromStart(void)
+{
+	scan_from = 0;
+	pending_xmax = InvalidTransactionId;
+	rescan_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), OUTBOX_RESCAN_MS);
+}
 
 /* the last error librdkafka reported, to record in worker_state */
 static char last_error[512];
@@ -215,6 +244,7 @@ DestroyProducer(void)
 	if (batch_cxt)
 		MemoryContextReset(batch_cxt);
 	PointsSetRelayActive(false);
+	ScanFromStart();
 }
 
 /*
@@ -272,17 +302,59 @@ static void
 StepReadBatch(void *arg)
 {
 	Batch	   *b;
-	Oid			types[1] = {INT4OID};
-	Datum		values[1];
+	static SPIPlanPtr plan_read;
+	Oid			types[2] = {INT4OID, INT8OID};
+	Datum		values[2];
 	MemoryContext old;
 	uint64		i;
 	bool		isnull;
+	Snapshot	snap = GetActiveSnapshot();	/* what the reads below see */
+	int64		last_id = 0;
+
+	if (GetCurrentTimestamp() >= rescan_at)
+		ScanFromStart();
 
 	values[0] = Int32GetDatum(KAFKA_BATCH);
-	if (SPI_execute_with_args("SELECT id, aggregateid, type, payload::text"
-							  " FROM points.outbox ORDER BY id LIMIT $1",
-							  1, types, values, NULL, true, 0) != SPI_OK_SELECT)
+	values[1] = Int64GetDatum(scan_from);
+	/* through outbox_pkey: a table of dead rows must not be scanned whole */
+	PointsPlan(&plan_read,
+			   "SELECT id, aggregateid, type, payload::text"
+			   " FROM points.outbox WHERE id >= $2 ORDER BY id LIMIT $1",
+			   2, types);
+	if (PointsExecIndexed(plan_read, values, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "points: could not read points.outbox");
+	if (SPI_processed == 0 && scan_from > 0)
+	{
+		/* nothing past it: look once from the start (see above) */
+		ScanFromStart();
+		values[1] = Int64GetDatum(scan_from);
+		if (PointsExecIndexed(plan_read, values, NULL, true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "points: could not read points.outbox");
+	}
+
+	if (SPI_processed > 0)
+		last_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[SPI_processed - 1],
+											  SPI_tuptable->tupdesc, 1, &isnull));
+
+	/*
+	 * An earlier read ended below pending_from, and the transactions running
+	 * then have all ended before this read's snapshot.  This read started
+	 * below pending_from and, in id order, got every row they committed
+	 * there, if it was not cut short before reaching pending_from: the next
+	 * read may start there.
+	 */
+	if (TransactionIdIsValid(pending_xmax) &&
+		TransactionIdPrecedesOrEquals(pending_xmax, snap->xmin) &&
+		(SPI_processed < KAFKA_BATCH || last_id >= pending_from))
+	{
+		scan_from = pending_from;
+		pending_xmax = InvalidTransactionId;
+	}
+	if (SPI_processed > 0 && !TransactionIdIsValid(pending_xmax))
+	{
+		pending_from = last_id + 1;
+		pending_xmax = snap->xmax;
+	}
 	more_rows = SPI_processed == KAFKA_BATCH;
 	if (SPI_processed == 0)
 		return;
@@ -324,6 +396,7 @@ StepReadBatch(void *arg)
 					  rd_kafka_err2str(err));
 			b->n = i;			/* not produced: stays in the outbox */
 			more_rows = true;
+			ScanFromStart();	/* and the next read must see it */
 			break;
 		}
 		b->produced = i + 1;
@@ -379,6 +452,7 @@ FinishBatch(void)
 	{
 		/* some failed: send them again, after a pause that grows */
 		more_rows = true;
+		ScanFromStart();
 		failure_backoff_ms = Min(Max(failure_backoff_ms * 2, 100), 30000);
 		retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), failure_backoff_ms);
 	}

@@ -26,7 +26,10 @@
 #      kafka_last_error set), then all up: everything drains, in order;
 #   4. partition leaders move during the load (every partition, every
 #      second, now and then one left without a leader for a second): the old
-#      leader refuses with NOT_LEADER_FOR_PARTITION; all delivered, in order.
+#      leader refuses with NOT_LEADER_FOR_PARTITION; all delivered, in order;
+#   5. a transaction that took 6,000 event ids commits after a load was
+#      published around it: its events, and the next of two of its users,
+#      all arrive, each user's in order.
 #
 # Crashes (kill -9, -m immediate) are in 021_kafka_crash.pl; injected
 # produce errors, bad settings and fatal producer errors in
@@ -165,6 +168,35 @@ kafka_setup('points.t020');
 	wait_drained('leaders');
 	check_topic($main_topic, $mark, 'leader moves');
 	note_time('scenario leader moves');
+}
+
+# ---- 5. events whose transaction took its ids early and commits late ----
+# The relay reads on from where it may (not from the start of a table of
+# dead rows), but never past an id that a running transaction may still
+# commit: 6,000 events (more than one read) of a transaction held open
+# during a load, and the next event of one of their users, all arrive, each
+# user's in order.
+
+{
+	my $topic = 'points.t020.late';
+	my $mark = use_topic($topic);
+	my $late = $node->background_psql('postgres');
+	$late->query_safe('BEGIN');
+	is($late->query_safe('SELECT count(points.earn(u, 5)) FROM generate_series(900001, 906000) u'),
+		'6000', 'late: a transaction took 6000 ids and stays open');
+	my $h = load_start(6, 0);
+	sleep 2;
+	is(sql('SELECT outbox_backlog < 300 FROM points.worker_status'), 't',
+		'late: the load is published around the open transaction');
+	# commit in the middle of the load, so the relay keeps finding newer rows
+	$late->query_safe('COMMIT');
+	$late->quit;
+	sql('SELECT points.earn(900001, 6)');
+	sql('SELECT points.earn(906000, 7)');
+	load_finish($h, 'late');
+	wait_drained('late: the late commit published');
+	check_topic($topic, $mark, 'late commit');
+	note_time('scenario late commit');
 }
 
 is(sql('SELECT count(*) FROM points.verify()'), '0', 'verify() empty');
