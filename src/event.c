@@ -16,6 +16,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "catalog/namespace.h"
 #include "commands/sequence.h"
 #include "utils/builtins.h"
@@ -51,6 +52,12 @@ PointsTxSeq(void)
 int64
 PointsNextTxId(Oid seq)
 {
+	/*
+	 * The transaction gets its xid before it draws the id: the relay
+	 * (kafka.c) reads on past an id only once every transaction that had an
+	 * xid when the id was drawn has ended, which then covers this one.
+	 */
+	(void) GetTopTransactionId();
 	return ((int64) points_node_id << 40) + nextval_internal(seq, true);
 }
 

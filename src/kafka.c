@@ -90,9 +90,9 @@ static int	failure_backoff_ms = 0;	/* pause after a batch with failures */
  * are taken before commit, so a transaction that drew a smaller id may
  * still commit, and one user's later event must never go out before it.
  * So reads start at scan_from, which moves up to the end of what a read saw
- * only once every transaction that was running during that read has ended
- * (a later snapshot's xmin is past the read's xmax): from then on no row
- * below it can appear.  A failure, a new producer, an empty read or every
+ * only once every transaction that had an xid during that read has ended
+ * (a later snapshot's xmin is at or past the next xid as of that read):
+ * from then on no row below it can appear.  A failure, a new producer, an empty read or every
  * OUTBOX_RESCAN_MS a read starts from the beginning again.
  */
 #define OUTBOX_RESCAN_MS	10000
@@ -352,8 +352,15 @@ StepReadBatch(void *arg)
 	}
 	if (SPI_processed > 0 && !TransactionIdIsValid(pending_xmax))
 	{
+		/*
+		 * Not snap->xmax: transactions that got their xid after the last
+		 * one to complete are running but not below it.  The next xid, read
+		 * after the snapshot, is above every xid assigned before it, and
+		 * every id below pending_from was drawn by a transaction that had
+		 * its xid by then (PointsNextTxId).
+		 */
 		pending_from = last_id + 1;
-		pending_xmax = snap->xmax;
+		pending_xmax = ReadNextTransactionId();
 	}
 	more_rows = SPI_processed == KAFKA_BATCH;
 	if (SPI_processed == 0)

@@ -26,6 +26,8 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "access/xact.h"
+#include "catalog/index.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
@@ -34,6 +36,7 @@
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
 #include "utils/lsyscache.h"
+#include "storage/lmgr.h"
 #include "utils/memutils.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
@@ -191,7 +194,11 @@ RequestStatsStale(double users_seen)
 	float4		reltuples;
 	TimestampTz now = GetCurrentTimestamp();
 
-	if (!OidIsValid(idx) ||
+	/*
+	 * Not in a caller's transaction block (it would hold the ANALYZE's lock
+	 * until its commit, and the worker's next ANALYZE would wait for it).
+	 */
+	if (!OidIsValid(idx) || IsTransactionBlock() ||
 		now < TimestampTzPlusMilliseconds(queue_analyzed_at, QUEUE_ANALYZE_EVERY_MS))
 		return false;
 	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(idx));
@@ -202,7 +209,10 @@ RequestStatsStale(double users_seen)
 	if (reltuples < 0 || reltuples >= users_seen)
 		return false;			/* never analyzed (planner guesses), or fine */
 	queue_analyzed_at = now;
-	return true;
+
+	/* never wait for another ANALYZE or VACUUM of the table: skip instead */
+	return ConditionalLockRelationOid(IndexGetRelation(idx, false),
+									  ShareUpdateExclusiveLock);
 }
 
 /*

@@ -49,6 +49,7 @@
 
 static MemoryContext worker_cxt = NULL;
 static TimestampTz worker_started_at = 0;
+static TimestampTz last_queue = 0;	/* start of the last queue run */
 
 static void WorkerRecordError(void *arg);
 
@@ -238,6 +239,31 @@ StepRecordRun(void *arg)
 
 static void RunBatches(WorkerJob job);
 
+static TimestampTz
+AddMs(TimestampTz t, int64 ms)
+{
+	return t + ms * 1000;
+}
+
+/*
+ * RunQueueIfDue
+ *		Apply queued earns if a commit queued some since the last look, or
+ *		points.queue_interval has passed (which also retries what a run left:
+ *		a busy user, a failed batch, a prepared transaction's requests).
+ */
+static void
+RunQueueIfDue(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (PointsTakeQueuePending() ||
+		now >= AddMs(last_queue, points_queue_interval))
+	{
+		last_queue = now;
+		RunBatches(JOB_QUEUE);
+	}
+}
+
 /*
  * WorkerPause
  *		Let ms pass between two batches of a paced job, relaying events and
@@ -248,6 +274,7 @@ WorkerPause(long ms)
 {
 	TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ms);
 
+	PointsKafkaRound();
 	while (!ShutdownRequestPending)
 	{
 		TimestampTz now = GetCurrentTimestamp();
@@ -266,8 +293,7 @@ WorkerPause(long ms)
 								 PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
-		if (PointsTakeQueuePending())
-			RunBatches(JOB_QUEUE);
+		RunQueueIfDue();
 		PointsKafkaRound();
 	}
 }
@@ -326,12 +352,6 @@ WorkerDetachLatch(int code, Datum arg)
 		points_shared->worker_latch = NULL;
 }
 
-static TimestampTz
-AddMs(TimestampTz t, int64 ms)
-{
-	return t + ms * 1000;
-}
-
 /*
  * points_worker_main
  *		The worker's entry point.
@@ -344,7 +364,6 @@ points_worker_main(Datum main_arg)
 	bool		warned = false;
 	TimestampTz last_expire = 0;
 	TimestampTz last_archive = 0;
-	TimestampTz last_queue = 0;
 	TimestampTz last_monitor = 0;
 	TimestampTz last_check = 0;
 
@@ -424,14 +443,8 @@ points_worker_main(Datum main_arg)
 			last_archive = now;
 			RunBatches(JOB_ARCHIVE);
 		}
-		/* a commit queued earns, or points.queue_interval passed */
-		if (!ShutdownRequestPending &&
-			(PointsTakeQueuePending() ||
-			 now >= AddMs(last_queue, points_queue_interval)))
-		{
-			last_queue = now;
-			RunBatches(JOB_QUEUE);
-		}
+		if (!ShutdownRequestPending)
+			RunQueueIfDue();
 		if (!ShutdownRequestPending && now >= AddMs(last_monitor, WORKER_MONITOR_MS))
 		{
 			bool		has_monitor = false;
