@@ -240,8 +240,7 @@ FinalStates(PointsTxBatch *b, Datum *out)
  * PointsAppendBatch
  *		Write every transaction of the batch, with its lot (earns), its
  *		outbox event, and each account's final balance and user_seq.  On
- *		return SPI_tuptable holds (ord, tx_id) for each, ord being the
- *		1-based position in the batch.
+ *		return b->tx_id[i] is the tx_id of the i-th transaction.
  */
 void
 PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
@@ -264,10 +263,10 @@ PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
 		return;
 	d = palloc(sizeof(Datum) * n);
 	nulls = palloc(sizeof(bool) * n);
-	tx_ids = palloc(sizeof(int64) * n);
+	tx_ids = b->tx_id = palloc(sizeof(int64) * n);
 
 	/* tx_ids in batch order, so each user's grow with its user_seq */
-	seq = PointsTxSeq();
+	seq = PointsRelid("tx_seq");
 	for (i = 0; i < n; i++)
 		tx_ids[i] = PointsNextTxId(seq);
 
@@ -325,7 +324,8 @@ PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
 			   "  INSERT INTO points.ledger (tx_id, user_id, user_seq, kind, amount,"
 			   "    balance_after, idempotency_key, cancels_tx, reason, metadata, created_at)"
 			   "  SELECT tx_id, user_id, user_seq, kind, amount, balance_after, key, NULL,"
-			   "         reason, metadata, $11 FROM n),"
+			   "         reason, metadata, $11 FROM n"
+			   "  RETURNING 1),"
 			   " l AS ("
 			   "  INSERT INTO points.lot (lot_id, user_id, amount, remaining, expires_at)"
 			   "  SELECT tx_id, user_id, amount, amount, lot_expires FROM n"
@@ -338,12 +338,12 @@ PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
 			   "  SET balance = f.balance, last_seq = f.last_seq, updated_at = $11"
 			   "  FROM unnest($14, $15, $16) f(user_id, balance, last_seq)"
 			   "  WHERE a.user_id = ANY($14) AND a.user_id = f.user_id)"
-			   " SELECT ord::int4, tx_id FROM n",
+			   " SELECT count(*) FROM t",
 			   16, types);
-	PointsExecIndexed(plan_batch, values, NULL, false, 0);
-	if (SPI_processed != (uint64) n)
-		elog(ERROR, "points: batch append wrote %llu of %d transactions",
-			 (unsigned long long) SPI_processed, n);
+	PointsExecIndexed(plan_batch, values, NULL, false, 1);
+	if (PointsGetInt64(0, 1, NULL) != n)
+		elog(ERROR, "points: batch append wrote %lld of %d transactions",
+			 (long long) PointsGetInt64(0, 1, NULL), n);
 	for (i = 0; i < n; i++)
 		points_call_points += b->amount[i] < 0 ? -b->amount[i] : b->amount[i];
 	PointsNoteEvent();

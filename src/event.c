@@ -30,19 +30,18 @@
 #include "points.h"
 
 /*
- * PointsTxSeq
- *		The OID of points.tx_seq, looked up in the catalog caches (it changes
- *		when the extension is made again).
+ * PointsRelid
+ *		The OID of relation points.<name>, from the catalog caches (it
+ *		changes when the extension is made again); an error if it is missing.
  */
 Oid
-PointsTxSeq(void)
+PointsRelid(const char *name)
 {
-	Oid			nsp = get_namespace_oid("points", false);
-	Oid			seq = get_relname_relid("tx_seq", nsp);
+	Oid			relid = get_relname_relid(name, get_namespace_oid("points", false));
 
-	if (!OidIsValid(seq))
-		elog(ERROR, "points: sequence points.tx_seq is missing");
-	return seq;
+	if (!OidIsValid(relid))
+		elog(ERROR, "points: relation points.%s is missing", name);
+	return relid;
 }
 
 /*

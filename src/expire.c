@@ -132,9 +132,9 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 	/* one expire transaction per lot, in each user's order */
 	for (i = 0; i < (uint64) nlots; i++)
 	{
-		PointsAccountState *a = PointsFindAccount(&set, PointsGetInt64Of(due, i, 2));
-		int64		lot_id = PointsGetInt64Of(due, i, 1);
-		int64		remaining = PointsGetInt64Of(due, i, 3);
+		PointsAccountState *a = PointsFindAccount(&set, PointsGetInt64Of(due, i, 2, NULL));
+		int64		lot_id = PointsGetInt64Of(due, i, 1, NULL);
+		int64		remaining = PointsGetInt64Of(due, i, 3, NULL);
 		a->balance -= remaining;
 		a->last_seq++;
 		PointsBatchAdd(&batch, a->user_id, a->last_seq, "expire", -remaining,

@@ -165,7 +165,7 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 						(long long) amount)));
 	Assert(balance_after >= 0);
 
-	tx_id = PointsNextTxId(PointsTxSeq());
+	tx_id = PointsNextTxId(PointsRelid("tx_seq"));
 	memset(nulls, ' ', sizeof(nulls));
 	values[0] = Int64GetDatum(tx_id);
 	values[1] = Int64GetDatum(user_id);

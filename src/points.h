@@ -99,7 +99,7 @@ extern bool PointsTakeQueuePending(void);
 extern void PointsSetRelayActive(bool active);
 
 /* event.c: the outbox event of a ledger transaction */
-extern Oid	PointsTxSeq(void);
+extern Oid	PointsRelid(const char *name);
 extern int64 PointsNextTxId(Oid seq);
 extern int	PointsFormatTime(TimestampTz t, char *buf);
 extern Datum PointsEventPayload(int64 tx_id, int64 user_id, int64 user_seq,
@@ -142,7 +142,7 @@ extern int	PointsExec(SPIPlanPtr plan, Datum *values, const char *nulls,
 extern int	PointsExecIndexed(SPIPlanPtr plan, Datum *values, const char *nulls,
 							  bool read_only, long count);
 extern int64 PointsGetInt64(int row, int col, bool *isnull);
-extern int64 PointsGetInt64Of(SPITupleTable *tab, uint64 row, int col);
+extern int64 PointsGetInt64Of(SPITupleTable *tab, uint64 row, int col, bool *isnull);
 extern int64 PointsArgInt64(FunctionCallInfo fcinfo, int argno, const char *name);
 extern int32 PointsArgPositiveInt32(FunctionCallInfo fcinfo, int argno, const char *name);
 extern text *PointsArgText(FunctionCallInfo fcinfo, int argno, const char *name,
@@ -202,6 +202,7 @@ typedef struct PointsTxBatch
 	text	  **reason;
 	Datum	   *metadata;		/* (Datum) 0: NULL */
 	TimestampTz *lot_expires;	/* 0: no lot */
+	int64	   *tx_id;			/* set by PointsAppendBatch */
 } PointsTxBatch;
 
 /* the locked accounts of a batch's users, sorted by user_id */

@@ -188,8 +188,7 @@ static TimestampTz queue_analyzed_at = 0;
 static bool
 RequestStatsStale(double users_seen)
 {
-	Oid			nsp = get_namespace_oid("points", false);
-	Oid			idx = get_relname_relid("request_queued_idx", nsp);
+	Oid			idx = PointsRelid("request_queued_idx");
 	HeapTuple	tup;
 	float4		reltuples;
 	TimestampTz now = GetCurrentTimestamp();
@@ -198,7 +197,7 @@ RequestStatsStale(double users_seen)
 	 * Not in a caller's transaction block (it would hold the ANALYZE's lock
 	 * until its commit, and the worker's next ANALYZE would wait for it).
 	 */
-	if (!OidIsValid(idx) || IsTransactionBlock() ||
+	if (IsTransactionBlock() ||
 		now < TimestampTzPlusMilliseconds(queue_analyzed_at, QUEUE_ANALYZE_EVERY_MS))
 		return false;
 	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(idx));
@@ -470,25 +469,15 @@ points_apply_queued(PG_FUNCTION_ARGS)
 	/* write the earns, then give each request its tx_id */
 	if (batch.n > 0)
 	{
-		int64	   *tx_of_ord = palloc(sizeof(int64) * (batch.n + 1));
-
 		PointsAppendBatch(&batch, now);
-		for (i = 0; i < SPI_processed; i++)
-		{
-			bool		isnull;
-			int			ord = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i],
-														  SPI_tuptable->tupdesc, 1, &isnull));
-
-			tx_of_ord[ord] = PointsGetInt64(i, 2, NULL);
-		}
 		for (r = 0; r < nreq; r++)
 		{
 			if (req_ord[r] > 0)
-				req_tx[r] = tx_of_ord[req_ord[r]];
+				req_tx[r] = batch.tx_id[req_ord[r] - 1];
 			if (req_conflict[r] > 0)
 				req_error[r] = CStringGetTextDatum(
 					PointsKeyConflict(req_key[r], req_user[r],
-									  tx_of_ord[req_conflict[r]], "earn",
+									  batch.tx_id[req_conflict[r] - 1], "earn",
 									  batch.amount[req_conflict[r] - 1]));
 		}
 	}

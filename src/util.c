@@ -113,13 +113,7 @@ PointsExecIndexed(SPIPlanPtr plan, Datum *values, const char *nulls,
 int64
 PointsGetInt64(int row, int col, bool *isnull)
 {
-	bool		null;
-	Datum		d = SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc,
-								  col, &null);
-
-	if (isnull)
-		*isnull = null;
-	return null ? 0 : DatumGetInt64(d);
+	return PointsGetInt64Of(SPI_tuptable, row, col, isnull);
 }
 
 /*
@@ -127,11 +121,13 @@ PointsGetInt64(int row, int col, bool *isnull)
  *		Column col (1-based) of row of a kept result table; 0 when NULL.
  */
 int64
-PointsGetInt64Of(SPITupleTable *tab, uint64 row, int col)
+PointsGetInt64Of(SPITupleTable *tab, uint64 row, int col, bool *isnull)
 {
 	bool		null;
 	Datum		d = SPI_getbinval(tab->vals[row], tab->tupdesc, col, &null);
 
+	if (isnull)
+		*isnull = null;
 	return null ? 0 : DatumGetInt64(d);
 }
 
