@@ -35,6 +35,8 @@
 
 #include <libpq-fe.h>
 
+#include "lat.h"
+
 #define MAX_THREADS	256
 #define MAX_CODES	16
 
@@ -48,9 +50,7 @@ typedef struct
 {
 	int			id;
 	PGconn	   *conn;
-	double	   *lat;			/* ms */
-	long		nlat;
-	long		cap;
+	Lat			lat;
 	long		calls;
 	long		errors;
 	ErrCode		codes[MAX_CODES];
@@ -71,15 +71,6 @@ static int	opt_poll_ms = 2;
 static volatile int stop_flag = 0;
 static double t_start;
 
-static double
-now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static void
 sleep_until(double t)
 {
@@ -91,22 +82,6 @@ sleep_until(double t)
 	ts.tv_sec = (time_t) d;
 	ts.tv_nsec = (long) ((d - ts.tv_sec) * 1e9);
 	nanosleep(&ts, NULL);
-}
-
-static void
-add_lat(Thread *t, double ms)
-{
-	if (t->nlat == t->cap)
-	{
-		t->cap = t->cap ? t->cap * 2 : 65536;
-		t->lat = realloc(t->lat, sizeof(double) * t->cap);
-		if (!t->lat)
-		{
-			perror("realloc");
-			exit(1);
-		}
-	}
-	t->lat[t->nlat++] = ms;
 }
 
 static void
@@ -132,19 +107,6 @@ add_error(Thread *t, PGresult *res, PGconn *conn)
 	if (t->errors <= 3)
 		fprintf(stderr, "probe: thread %d: %s", t->id,
 				res ? PQresultErrorMessage(res) : PQerrorMessage(conn));
-}
-
-static PGconn *
-connect_db(void)
-{
-	PGconn	   *c = PQconnectdb("");
-
-	if (PQstatus(c) != CONNECTION_OK)
-	{
-		fprintf(stderr, "probe: cannot connect: %s", PQerrorMessage(c));
-		exit(1);
-	}
-	return c;
 }
 
 static long
@@ -203,7 +165,7 @@ load_thread(void *arg)
 				break;
 			}
 		}
-		add_lat(t, (now_s() - begin) * 1000.0);
+		lat_add(&t->lat, (now_s() - begin) * 1000.0);
 		PQclear(res);
 	}
 	return NULL;
@@ -273,32 +235,12 @@ lag_thread(void *arg)
 			sleep_until(now_s() + opt_poll_ms / 1000.0);
 		}
 		if (gone)
-			add_lat(t, (now_s() - committed) * 1000.0);
+			lat_add(&t->lat, (now_s() - committed) * 1000.0);
 		else
 			t->errors++;		/* a timeout: not acked within 30 s */
 		sleep_until(now_s() + opt_interval_ms / 1000.0);
 	}
 	return NULL;
-}
-
-static int
-cmp_double(const void *a, const void *b)
-{
-	double		x = *(const double *) a;
-	double		y = *(const double *) b;
-
-	return x < y ? -1 : x > y;
-}
-
-static double
-pct(double *v, long n, double p)
-{
-	long		i;
-
-	if (n == 0)
-		return 0;
-	i = (long) (p * (n - 1) + 0.5);
-	return v[i];
 }
 
 static void
@@ -317,9 +259,8 @@ main(int argc, char **argv)
 	pthread_t	tids[MAX_THREADS];
 	double		elapsed;
 	long		calls = 0,
-				errors = 0,
-				n = 0;
-	double	   *all;
+				errors = 0;
+	Lat			all = {0};
 	ErrCode		codes[MAX_CODES];
 	int			ncodes = 0;
 	int			i,
@@ -371,7 +312,7 @@ main(int argc, char **argv)
 	{
 		threads[i].id = i;
 		threads[i].seed = (unsigned int) (time(NULL) ^ (getpid() << 8) ^ (i * 7919));
-		threads[i].conn = connect_db();
+		threads[i].conn = pg_connect_or_exit("probe");
 	}
 	t_start = now_s();
 	for (i = 0; i < opt_threads; i++)
@@ -395,15 +336,10 @@ main(int argc, char **argv)
 		elapsed = opt_seconds;
 
 	for (i = 0; i < opt_threads; i++)
-		n += threads[i].nlat;
-	all = malloc(sizeof(double) * (n + 1));
-	n = 0;
-	for (i = 0; i < opt_threads; i++)
 	{
 		Thread	   *t = &threads[i];
 
-		memcpy(all + n, t->lat, sizeof(double) * t->nlat);
-		n += t->nlat;
+		lat_merge(&all, &t->lat);
 		calls += t->calls;
 		errors += t->errors;
 		for (j = 0; j < t->ncodes; j++)
@@ -422,10 +358,10 @@ main(int argc, char **argv)
 		}
 		PQfinish(t->conn);
 	}
-	qsort(all, n, sizeof(double), cmp_double);
+	lat_sort(&all);
 	printf("calls=%ld errors=%ld tps=%.1f p50_ms=%.3f p99_ms=%.3f max_ms=%.3f samples=%ld errcodes=",
-		   calls, errors, calls / elapsed, pct(all, n, 0.50), pct(all, n, 0.99),
-		   n ? all[n - 1] : 0.0, n);
+		   calls, errors, calls / elapsed, lat_pct(&all, 0.50), lat_pct(&all, 0.99),
+		   lat_max(&all), all.n);
 	for (k = 0; k < ncodes; k++)
 		printf("%s%s:%ld", k ? "," : "", codes[k].code, codes[k].n);
 	printf("%s\n", ncodes ? "" : "-");

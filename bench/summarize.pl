@@ -15,6 +15,23 @@
 use strict;
 use warnings;
 
+# print rows (array refs; the first is the header) as an aligned text table
+sub print_table {
+    my @rows = @_;
+    my @w;
+    for my $row (@rows) {
+        for my $i ( 0 .. $#$row ) {
+            my $l = length( $row->[$i] // '' );
+            $w[$i] = $l if !defined $w[$i] || $l > $w[$i];
+        }
+    }
+    for my $row (@rows) {
+        print join( ' | ', map { sprintf "%-*s", $w[$_], $row->[$_] // '' } 0 .. $#$row ), "\n";
+        print join( '-+-', map { '-' x $w[$_] } 0 .. $#$row ), "\n" if $row == $rows[0];
+    }
+    return;
+}
+
 sub median {
     my @v = sort { $a <=> $b } @_;
     return 0 unless @v;
@@ -74,19 +91,7 @@ elsif ( $cmd eq 'table' ) {
             push @notes, "$f[0]: $f[14]" if defined $f[14] && $f[14] ne '';
         }
     }
-    my @w;
-    for my $row (@rows) {
-        for my $i ( 0 .. $#$row ) {
-            my $l = length( $row->[$i] // '' );
-            $w[$i] = $l if !defined $w[$i] || $l > $w[$i];
-        }
-    }
-    for my $row (@rows) {
-        print join( ' | ', map { sprintf "%-*s", $w[$_], $row->[$_] // '' } 0 .. $#$row ), "\n";
-        if ( $row == $rows[0] ) {
-            print join( '-+-', map { '-' x $w[$_] } 0 .. $#$row ), "\n";
-        }
-    }
+    print_table(@rows);
     print "\n";
     my @xrows = ( [ 'figure', 'value', 'target', 'verdict' ] );
     if ( open my $x, '<', $extras ) {
@@ -97,19 +102,7 @@ elsif ( $cmd eq 'table' ) {
             push @notes, "$f[0]: $f[4]" if defined $f[4] && $f[4] ne '';
         }
     }
-    @w = ();
-    for my $row (@xrows) {
-        for my $i ( 0 .. $#$row ) {
-            my $l = length( $row->[$i] // '' );
-            $w[$i] = $l if !defined $w[$i] || $l > $w[$i];
-        }
-    }
-    for my $row (@xrows) {
-        print join( ' | ', map { sprintf "%-*s", $w[$_], $row->[$_] // '' } 0 .. $#$row ), "\n";
-        if ( $row == $xrows[0] ) {
-            print join( '-+-', map { '-' x $w[$_] } 0 .. $#$row ), "\n";
-        }
-    }
+    print_table(@xrows);
     if (@notes) {
         print "\nnotes:\n";
         print "  $_\n" for @notes;

@@ -52,6 +52,8 @@
 #include <hiredis/hiredis.h>
 #include <libpq-fe.h>
 
+#include "lat.h"
+
 #define MAX_THREADS	128
 #define LOCK_TTL_MS	3000
 #define LOCK_WAIT_S	2.0
@@ -71,13 +73,6 @@ typedef struct
 	int			waiters;
 	int			permits;
 } UserWait;
-
-typedef struct
-{
-	double	   *v;
-	long		n;
-	long		cap;
-} Lat;
 
 typedef struct
 {
@@ -109,48 +104,6 @@ static volatile double run_end;
 static volatile int quit_threads;
 static Lat pool[2];
 
-static double
-now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void
-lat_add(Lat *l, double ms)
-{
-	if (l->n == l->cap)
-	{
-		l->cap = l->cap ? l->cap * 2 : 16384;
-		l->v = realloc(l->v, sizeof(double) * l->cap);
-		if (!l->v)
-		{
-			perror("realloc");
-			exit(1);
-		}
-	}
-	l->v[l->n++] = ms;
-}
-
-static int
-cmp_double(const void *a, const void *b)
-{
-	double		x = *(const double *) a;
-	double		y = *(const double *) b;
-
-	return x < y ? -1 : x > y;
-}
-
-static double
-pct(Lat *l, double p)
-{
-	if (l->n == 0)
-		return 0;
-	return l->v[(long) (p * (l->n - 1) + 0.5)];
-}
-
 static void
 die(const char *what, const char *why)
 {
@@ -165,16 +118,6 @@ redis_connect(void)
 
 	if (c == NULL || c->err)
 		die("cannot connect to redis", c ? c->errstr : "out of memory");
-	return c;
-}
-
-static PGconn *
-pg_connect(void)
-{
-	PGconn	   *c = PQconnectdb("");
-
-	if (PQstatus(c) != CONNECTION_OK)
-		die("cannot connect to PostgreSQL", PQerrorMessage(c));
 	return c;
 }
 
@@ -554,7 +497,7 @@ main(int argc, char **argv)
 	}
 
 	/* fresh tables for design A, and a clean Redis */
-	admin = pg_connect();
+	admin = pg_connect_or_exit("w8");
 	pg_exec(admin, "DROP TABLE IF EXISTS w8_history, w8_account");
 	pg_exec(admin, "CREATE TABLE w8_account (user_id bigint PRIMARY KEY,"
 			" balance bigint NOT NULL CHECK (balance >= 0),"
@@ -587,7 +530,7 @@ main(int argc, char **argv)
 	{
 		th[i].id = i;
 		th[i].seed = (unsigned int) (time(NULL) ^ (getpid() << 8) ^ (i * 7919));
-		th[i].pg = pg_connect();
+		th[i].pg = pg_connect_or_exit("w8");
 		pg_prepare(th[i].pg, "a_sel", "SELECT balance FROM w8_account WHERE user_id = $1", 1);
 		pg_prepare(th[i].pg, "a_upd",
 				   "UPDATE w8_account SET balance = $2, updated_at = now() WHERE user_id = $1", 2);
@@ -621,24 +564,19 @@ main(int argc, char **argv)
 			elapsed = now_s() - t0;
 			for (i = 0; i < opt_threads; i++)
 			{
-				long		k;
-
 				ok += th[i].ok;
 				fail += th[i].fail;
 				lost += th[i].lost;
-				for (k = 0; k < th[i].lat.n; k++)
-				{
-					lat_add(&lat, th[i].lat.v[k]);
-					lat_add(&pool[d], th[i].lat.v[k]);
-				}
+				lat_merge(&lat, &th[i].lat);
+				lat_merge(&pool[d], &th[i].lat);
 			}
 			lost_total += lost;
 			if (d == 1)
 				acked_b_total += ok;
-			qsort(lat.v, lat.n, sizeof(double), cmp_double);
+			lat_sort(&lat);
 			printf("W8RUN design=%c run=%d ok=%ld fail=%ld lost=%ld tps=%.1f p50_ms=%.3f p99_ms=%.3f max_ms=%.3f\n",
-				   cur_design, run, ok, fail, lost, ok / elapsed, pct(&lat, 0.5),
-				   pct(&lat, 0.99), lat.n ? lat.v[lat.n - 1] : 0.0);
+				   cur_design, run, ok, fail, lost, ok / elapsed, lat_pct(&lat, 0.5),
+				   lat_pct(&lat, 0.99), lat_max(&lat));
 			fflush(stdout);
 			free(lat.v);
 		}
@@ -652,9 +590,9 @@ main(int argc, char **argv)
 
 	for (d = 0; d < 2; d++)
 	{
-		qsort(pool[d].v, pool[d].n, sizeof(double), cmp_double);
+		lat_sort(&pool[d]);
 		printf("W8POOL design=%c calls=%ld p50_ms=%.3f p99_ms=%.3f\n", d ? 'B' : 'A',
-			   pool[d].n, pct(&pool[d], 0.5), pct(&pool[d], 0.99));
+			   pool[d].n, lat_pct(&pool[d], 0.5), lat_pct(&pool[d], 0.99));
 	}
 
 	/* check A: balances, history rows, Redis lists */
