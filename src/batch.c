@@ -24,7 +24,6 @@
 #include "points.h"
 
 static SPIPlanPtr plan_batch;
-static SPIPlanPtr plan_new_accounts;
 static SPIPlanPtr plan_accounts;
 static SPIPlanPtr plan_lock_accounts;
 
@@ -42,15 +41,18 @@ CompareAccount(const void *a, const void *b)
  *		Take the user lock of each user in column 1 of the first max_rows
  *		rows of the last SPI result that is free now (a busy user is left
  *		for a later batch; the job never waits; got[i] says which, when got
- *		is not NULL), then lock their account rows, made first for new users
- *		when create.  Fills set and returns false when no user was free.
+ *		is not NULL), then read their account rows.  With create, a user
+ *		without an account gets one in the set (balance 0, is_new), which
+ *		the append inserts if the batch writes for it: under the user lock
+ *		nobody else can make it meanwhile.  Fills set and returns false
+ *		when no user was free.
  */
 bool
-PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
+PointsLockBatchUsers(bool create, uint64 max_rows, bool *got,
 					 PointsAccountSet *set)
 {
-	static const Oid types[2] = {INT8ARRAYOID, TIMESTAMPTZOID};
-	Datum		values[2];
+	static const Oid types[1] = {INT8ARRAYOID};
+	Datum		values[1];
 	Datum	   *locked = palloc(sizeof(Datum) * (SPI_processed + 1));
 	int			nlocked = 0;
 	uint64		i;
@@ -73,17 +75,6 @@ PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
 	set->users = PointerGetDatum(construct_array(locked, nlocked, INT8OID, 8,
 												 true, TYPALIGN_DOUBLE));
 	values[0] = set->users;
-	values[1] = TimestampTzGetDatum(now);
-	if (create)
-	{
-		PointsPlanSet(&plan_new_accounts,
-				   "INSERT INTO points.account (user_id, balance, last_seq, created_at, updated_at)"
-				   " SELECT u, 0, 0, $2, $2 FROM unnest($1) u"
-				   " WHERE NOT EXISTS (SELECT FROM points.account a WHERE a.user_id = u)"
-				   " ON CONFLICT (user_id) DO NOTHING",
-				   2, types);
-		PointsExec(plan_new_accounts, values, NULL, false, 0);
-	}
 	/* FOR UPDATE only for a transaction snapshot: see PointsLockAccount */
 	if (IsolationUsesXactSnapshot())
 		plan = PointsPlanSet(&plan_lock_accounts,
@@ -96,13 +87,33 @@ PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
 						  " WHERE user_id = ANY($1) ORDER BY user_id",
 						  1, types);
 	PointsExec(plan, values, NULL, false, 0);
-	set->n = (int) SPI_processed;
-	set->accounts = palloc(sizeof(PointsAccountState) * (set->n + 1));
+	set->accounts = palloc(sizeof(PointsAccountState) * (nlocked + 1));
 	for (i = 0; i < SPI_processed; i++)
 	{
 		set->accounts[i].user_id = PointsGetInt64(i, 1, NULL);
 		set->accounts[i].balance = PointsGetInt64(i, 2, NULL);
 		set->accounts[i].last_seq = PointsGetInt64(i, 3, NULL);
+		set->accounts[i].is_new = false;
+	}
+	set->n = (int) SPI_processed;
+	if (create && set->n < nlocked)
+	{
+		int			nold = set->n;
+
+		for (i = 0; i < (uint64) nlocked; i++)
+		{
+			PointsAccountState key;
+
+			key.user_id = DatumGetInt64(locked[i]);
+			if (bsearch(&key, set->accounts, nold, sizeof(PointsAccountState),
+						CompareAccount) != NULL)
+				continue;
+			key.balance = 0;
+			key.last_seq = 0;
+			key.is_new = true;
+			set->accounts[set->n++] = key;
+		}
+		qsort(set->accounts, set->n, sizeof(PointsAccountState), CompareAccount);
 	}
 	return true;
 }
@@ -195,23 +206,31 @@ Int64Array(int64 *v, int n)
 
 /*
  * FinalStates
- *		Each user's last balance_after and user_seq in the batch, as three
- *		int8[] (user_id, balance, last_seq) in out[0..2].  The account update
- *		matches them by primary key (user_id = ANY), so its plan never
- *		scans the whole account table.
+ *		Each user's last balance_after and user_seq in the batch, as int8[]
+ *		triples (user_id, balance, last_seq): out[0..2] for the accounts
+ *		that exist, out[3..5] for those the append makes (is_new in set).
+ *		The update matches its users by primary key (user_id = ANY), so its
+ *		plan never scans the whole account table.  Returns the number of
+ *		new accounts.
  */
-static void
-FinalStates(PointsTxBatch *b, Datum *out)
+static int
+FinalStates(PointsTxBatch *b, PointsAccountSet *set, Datum *out)
 {
 	HASHCTL		ctl;
 	HTAB	   *last;
 	HASH_SEQ_STATUS seq;
 	int64	   *e;
-	int64	   *users = palloc(sizeof(int64) * b->n);
-	int64	   *balances = palloc(sizeof(int64) * b->n);
-	int64	   *seqs = palloc(sizeof(int64) * b->n);
-	int			nu = 0;
+	int64	   *users[2],
+			   *balances[2],
+			   *seqs[2];
+	int			nu[2] = {0, 0};
 
+	for (int k = 0; k < 2; k++)
+	{
+		users[k] = palloc(sizeof(int64) * b->n);
+		balances[k] = palloc(sizeof(int64) * b->n);
+		seqs[k] = palloc(sizeof(int64) * b->n);
+	}
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(int64);
 	ctl.entrysize = 2 * sizeof(int64);	/* user_id, index of its last tx */
@@ -226,14 +245,21 @@ FinalStates(PointsTxBatch *b, Datum *out)
 	hash_seq_init(&seq, last);
 	while ((e = hash_seq_search(&seq)) != NULL)
 	{
-		users[nu] = b->user_id[e[1]];
-		balances[nu] = b->balance_after[e[1]];
-		seqs[nu++] = b->user_seq[e[1]];
+		int64		user_id = b->user_id[e[1]];
+		int			k = PointsFindAccount(set, user_id)->is_new ? 1 : 0;
+
+		users[k][nu[k]] = user_id;
+		balances[k][nu[k]] = b->balance_after[e[1]];
+		seqs[k][nu[k]++] = b->user_seq[e[1]];
 	}
 	hash_destroy(last);
-	out[0] = Int64Array(users, nu);
-	out[1] = Int64Array(balances, nu);
-	out[2] = Int64Array(seqs, nu);
+	for (int k = 0; k < 2; k++)
+	{
+		out[3 * k] = Int64Array(users[k], nu[k]);
+		out[3 * k + 1] = Int64Array(balances[k], nu[k]);
+		out[3 * k + 2] = Int64Array(seqs[k], nu[k]);
+	}
+	return nu[1];
 }
 
 /*
@@ -243,15 +269,17 @@ FinalStates(PointsTxBatch *b, Datum *out)
  *		return b->tx_id[i] is the tx_id of the i-th transaction.
  */
 void
-PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
+PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set, TimestampTz created_at)
 {
-	static const Oid types[16] = {
+	static const Oid types[19] = {
 		INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID, INT8ARRAYOID,
 		TEXTARRAYOID, TEXTARRAYOID, JSONBARRAYOID, TIMESTAMPTZARRAYOID,
 		INT8ARRAYOID, TIMESTAMPTZOID, JSONBARRAYOID, TEXTARRAYOID,
+		INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID,
 		INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID
 	};
-	Datum		values[16];
+	Datum		values[19];
+	int			nnew;
 	Datum	   *d;
 	bool	   *nulls;
 	int64	   *tx_ids;
@@ -312,7 +340,7 @@ PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
 	for (i = 0; i < n; i++)
 		d[i] = CStringGetTextDatum(PointsEventType(b->kind[i]));
 	values[12] = MakeArray(d, NULL, n, TEXTOID);
-	FinalStates(b, &values[13]);
+	nnew = FinalStates(b, set, &values[13]);
 
 	PointsPlanSet(&plan_batch,
 			   "WITH n AS ("
@@ -337,13 +365,29 @@ PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at)
 			   "  UPDATE points.account a"
 			   "  SET balance = f.balance, last_seq = f.last_seq, updated_at = $11"
 			   "  FROM unnest($14, $15, $16) f(user_id, balance, last_seq)"
-			   "  WHERE a.user_id = ANY($14) AND a.user_id = f.user_id)"
-			   " SELECT count(*) FROM t",
-			   16, types);
+			   "  WHERE a.user_id = ANY($14) AND a.user_id = f.user_id),"
+			   " c AS ("
+			   "  INSERT INTO points.account (user_id, balance, last_seq, created_at, updated_at)"
+			   "  SELECT user_id, balance, last_seq, $11, $11"
+			   "  FROM unnest($17, $18, $19) f(user_id, balance, last_seq)"
+			   "  ON CONFLICT (user_id) DO NOTHING RETURNING 1)"
+			   " SELECT (SELECT count(*) FROM t), (SELECT count(*) FROM c)",
+			   19, types);
 	PointsExecIndexed(plan_batch, values, NULL, false, 1);
 	if (PointsGetInt64(0, 1, NULL) != n)
 		elog(ERROR, "points: batch append wrote %lld of %d transactions",
 			 (long long) PointsGetInt64(0, 1, NULL), n);
+
+	/*
+	 * An account made by a transaction that committed after this one's
+	 * snapshot (only possible under REPEATABLE READ or SERIALIZABLE: a
+	 * statement snapshot is taken after the user locks) was not seen, and
+	 * the batch was decided on a balance of 0.
+	 */
+	if (PointsGetInt64(0, 2, NULL) != nnew)
+		ereport(ERROR,
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("could not serialize access due to concurrent account creation")));
 	for (i = 0; i < n; i++)
 		points_call_points += b->amount[i] < 0 ? -b->amount[i] : b->amount[i];
 	PointsNoteEvent();

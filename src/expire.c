@@ -71,7 +71,7 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 			   3, types);
 	PointsExec(plan_due_users, values, NULL, false, 0);
 
-	if (!PointsLockBatchUsers(false, now, SPI_processed, NULL, &set))
+	if (!PointsLockBatchUsers(false, SPI_processed, NULL, &set))
 	{
 		SPI_finish();
 		PG_RETURN_INT64(0);
@@ -140,7 +140,7 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 		PointsBatchAdd(&batch, a->user_id, a->last_seq, "expire", -remaining,
 					   a->balance, NULL, NULL, PointsLotMetadata(lot_id), 0);
 	}
-	PointsAppendBatch(&batch, now);
+	PointsAppendBatch(&batch, &set, now);
 	SPI_finish();
 	PG_RETURN_INT64(nlots);
 }

@@ -211,6 +211,7 @@ typedef struct PointsAccountState
 	int64		user_id;
 	int64		balance;
 	int64		last_seq;
+	bool		is_new;			/* no account row yet: the append makes it */
 } PointsAccountState;
 
 typedef struct PointsAccountSet
@@ -220,13 +221,14 @@ typedef struct PointsAccountSet
 	PointsAccountState *accounts;
 } PointsAccountSet;
 
-extern bool PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows,
-								 bool *got, PointsAccountSet *set);
+extern bool PointsLockBatchUsers(bool create, uint64 max_rows, bool *got,
+								 PointsAccountSet *set);
 extern PointsAccountState *PointsFindAccount(PointsAccountSet *set, int64 user_id);
 extern void PointsBatchAdd(PointsTxBatch *b, int64 user_id, int64 user_seq,
 						   const char *kind, int64 amount, int64 balance_after,
 						   text *key, text *reason, Datum metadata,
 						   TimestampTz lot_expires);
-extern void PointsAppendBatch(PointsTxBatch *b, TimestampTz created_at);
+extern void PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set,
+							  TimestampTz created_at);
 
 #endif							/* POINTS_H */

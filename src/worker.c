@@ -21,6 +21,10 @@
  */
 #include "postgres.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
@@ -353,6 +357,27 @@ WorkerDetachLatch(int code, Datum arg)
 }
 
 /*
+ * WorkerKeepHeap
+ *		Let this process keep the memory its batches free.  A batch (queued
+ *		earns, expiry, a relay round) allocates a few megabytes and frees
+ *		them at its end; glibc hands freed memory at the top of the heap
+ *		back to the kernel (trim), or maps and unmaps big blocks, so every
+ *		batch faulted the same pages in again: 15% of a queued-earn batch's
+ *		time went to page faults, and a batch took 46 ms instead of 36 ms
+ *		(1,000 earns, dev cluster, medians of 30).  Blocks up to 4 MB come
+ *		from the heap and up to 32 MB of free heap stay mapped.  Only the
+ *		worker does this: callers' backends keep glibc's defaults.
+ */
+static void
+WorkerKeepHeap(void)
+{
+#ifdef __GLIBC__
+	mallopt(M_MMAP_THRESHOLD, 4 * 1024 * 1024);
+	mallopt(M_TRIM_THRESHOLD, 32 * 1024 * 1024);
+#endif
+}
+
+/*
  * points_worker_main
  *		The worker's entry point.
  */
@@ -372,6 +397,7 @@ points_worker_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 
 	worker_started_at = GetCurrentTimestamp();
+	WorkerKeepHeap();
 	database = MemoryContextStrdup(TopMemoryContext, points_database);
 	BackgroundWorkerInitializeConnection(database, NULL, 0);
 
