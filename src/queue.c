@@ -353,16 +353,22 @@ points_apply_queued(PG_FUNCTION_ARGS)
 
 			kv[0] = PointerGetDatum(construct_array(kuser, nkeys, INT8OID, 8, true, TYPALIGN_DOUBLE));
 			kv[1] = PointerGetDatum(construct_array(kkey, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
+			/*
+			 * One index probe per key (two when it is not in the ledger):
+			 * a join would let stale statistics of a growing ledger pick a
+			 * sort of the whole table (30 ms a batch at 33,000 rows).
+			 */
 			PointsPlanSet(&plan_keys,
-					   "SELECT g.user_id, g.idempotency_key, g.tx_id, g.kind, abs(g.amount)"
-					   " FROM unnest($1, $2) k(user_id, key)"
-					   " JOIN points.ledger g ON g.user_id = k.user_id AND g.idempotency_key = k.key"
-					   " UNION ALL "
-					   "SELECT g.user_id, g.idempotency_key, g.tx_id, g.kind, abs(g.amount)"
-					   " FROM unnest($1, $2) k(user_id, key)"
-					   " JOIN points.ledger_archive g ON g.user_id = k.user_id AND g.idempotency_key = k.key",
+					   "SELECT k.user_id, k.key, g.tx_id, g.kind, abs(g.amount)"
+					   " FROM unnest($1, $2) k(user_id, key),"
+					   "  LATERAL (SELECT tx_id, kind, amount FROM points.ledger g"
+					   "           WHERE g.user_id = k.user_id AND g.idempotency_key = k.key"
+					   "           UNION ALL"
+					   "           SELECT tx_id, kind, amount FROM points.ledger_archive g"
+					   "           WHERE g.user_id = k.user_id AND g.idempotency_key = k.key"
+					   "           LIMIT 1) g",
 					   2, t_keys);
-			PointsExec(plan_keys, kv, NULL, false, 0);
+			PointsExecIndexed(plan_keys, kv, NULL, false, 0);
 			for (i = 0; i < SPI_processed; i++)
 			{
 				bool		found;
