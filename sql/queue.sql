@@ -92,3 +92,17 @@ SELECT points.apply_queued();
 SELECT reltuples >= 250 AS analyzed FROM pg_class WHERE oid = 'points.request_queued_idx'::regclass;
 SELECT count(*) FROM points.request WHERE state = 'queued';
 SELECT * FROM points.verify();
+
+-- the batches of one transaction lock at most 1,000 users together (the
+-- user locks last until commit: many calls in one transaction would fill
+-- the shared lock table); the next transaction applies the rest
+SELECT count(points.earn_async(u, 5)) FROM generate_series(780001, 781200) u;
+BEGIN;
+SELECT points.apply_queued(300);
+SELECT sum(points.apply_queued(100)) FROM generate_series(1, 30);
+SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid();
+COMMIT;
+SELECT points.apply_queued();
+SELECT state, count(*) FROM points.request WHERE user_id BETWEEN 780001 AND 781200 GROUP BY state;
+SELECT count(*) FROM points.request WHERE state = 'queued';
+SELECT * FROM points.verify();

@@ -17,6 +17,7 @@
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "storage/proc.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
@@ -26,6 +27,18 @@
 static SPIPlanPtr plan_batch;
 static SPIPlanPtr plan_accounts;
 static SPIPlanPtr plan_lock_accounts;
+
+/*
+ * The user locks of batch jobs last until their transaction ends, so a
+ * caller that runs apply_queued or expire_due many times in one
+ * transaction (a SELECT over generate_series, a loop in a DO block) would
+ * pile them up until the shared lock table is full ("out of shared
+ * memory", for every session of the server).  All batches of one
+ * transaction lock at most POINTS_BATCH_MAX_USERS users together: later
+ * calls do less, then nothing (they return 0) until the caller commits.
+ */
+static LocalTransactionId budget_lxid = InvalidLocalTransactionId;
+static int	budget_used = 0;
 
 static int
 CompareAccount(const void *a, const void *b)
@@ -41,7 +54,8 @@ CompareAccount(const void *a, const void *b)
  *		Take the user lock of each user in column 1 of the first max_rows
  *		rows of the last SPI result that is free now (a busy user is left
  *		for a later batch; the job never waits; got[i] says which, when got
- *		is not NULL), then read their account rows.  With create, a user
+ *		is not NULL), within the transaction's budget (above), then read
+ *		their account rows.  With create, a user
  *		without an account gets one in the set (balance 0, is_new), which
  *		the append inserts if the batch writes for it: under the user lock
  *		nobody else can make it meanwhile.  Fills set and returns false
@@ -55,10 +69,19 @@ PointsLockBatchUsers(bool create, uint64 max_rows, bool *got,
 	Datum		values[1];
 	Datum	   *locked = palloc(sizeof(Datum) * (SPI_processed + 1));
 	int			nlocked = 0;
+	int			budget;
 	uint64		i;
 	SPIPlanPtr	plan;
 
-	for (i = 0; i < SPI_processed && i < max_rows; i++)
+	if (budget_lxid != MyProc->lxid)
+	{
+		budget_lxid = MyProc->lxid;
+		budget_used = 0;
+	}
+	budget = POINTS_BATCH_MAX_USERS - budget_used;
+	if (got)
+		memset(got, 0, sizeof(bool) * Min(SPI_processed, max_rows));
+	for (i = 0; i < SPI_processed && i < max_rows && nlocked < budget; i++)
 	{
 		int64		user_id = PointsGetInt64(i, 1, NULL);
 		bool		ok = PointsTryLockUser(user_id);
@@ -68,6 +91,7 @@ PointsLockBatchUsers(bool create, uint64 max_rows, bool *got,
 		if (got)
 			got[i] = ok;
 	}
+	budget_used += nlocked;
 	set->n = 0;
 	set->accounts = NULL;
 	if (nlocked == 0)
