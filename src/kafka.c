@@ -499,6 +499,8 @@ PointsKafkaRound(void)
 
 	if (producer == NULL)
 	{
+		MemoryContext cxt = CurrentMemoryContext;
+
 		if (GetCurrentTimestamp() < retry_at)
 			return;
 		PG_TRY();
@@ -510,7 +512,7 @@ PointsKafkaRound(void)
 			/* a bad setting: say so, and try again in a while */
 			ErrorData  *edata;
 
-			MemoryContextSwitchTo(batch_cxt);
+			MemoryContextSwitchTo(cxt);
 			edata = CopyErrorData();
 			FlushErrorState();
 			NoteError("%s", edata->message);

@@ -110,6 +110,8 @@ PointsWorkerTransaction(const char *activity, PointsWorkerStep step, void *arg,
 		AbortCurrentTransaction();
 	}
 	PG_END_TRY();
+	/* commit and abort leave TopMemoryContext current: what follows is ours */
+	MemoryContextSwitchTo(cxt);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 
@@ -201,6 +203,10 @@ static SPIPlanPtr job_plans[lengthof(worker_jobs)];
 static SPIPlanPtr count_plans[lengthof(worker_jobs)];
 static SPIPlanPtr record_plans[lengthof(worker_jobs)];
 
+/* runs cut into slices (RunBatches) */
+static bool job_more[lengthof(worker_jobs)];	/* a run is unfinished */
+static int64 job_count[lengthof(worker_jobs)];	/* what it did so far */
+
 static void
 StepBatch(void *arg)
 {
@@ -260,8 +266,10 @@ RunQueueIfDue(void)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
-	if (PointsTakeQueuePending() ||
-		now >= AddMs(last_queue, points_queue_interval))
+	if (job_more[JOB_QUEUE])
+		RunBatches(JOB_QUEUE);
+	else if (PointsTakeQueuePending() ||
+			 now >= AddMs(last_queue, points_queue_interval))
 	{
 		last_queue = now;
 		RunBatches(JOB_QUEUE);
@@ -310,12 +318,22 @@ WorkerPause(long ms)
  *		paced: after each batch the worker rests as long as the batch took,
  *		so moving a backlog of old rows takes at most half of what the disk
  *		and a core give, and the calls running meanwhile keep the rest.
+ *
+ * A run over a long backlog (a campaign of a million queued earns, a day of
+ * due lots, years of history to archive) goes on for minutes; it is cut
+ * into slices of WORKER_SLICE_MS.  After a slice the worker goes back to
+ * its loop, which reloads the configuration, runs the other jobs that are
+ * due and relays events, and then continues the run (job_more).
  */
+#define WORKER_SLICE_MS		2000
+
 static void
 RunBatches(WorkerJob job)
 {
+	TimestampTz slice_end = AddMs(GetCurrentTimestamp(), WORKER_SLICE_MS);
 	JobStep		total = {job, 0};
 
+	job_more[job] = false;
 	for (;;)
 	{
 		JobStep		step = {job, 0};
@@ -323,18 +341,47 @@ RunBatches(WorkerJob job)
 
 		if (!PointsWorkerTransaction(worker_jobs[job].activity, StepBatch, &step, true))
 			break;
-		total.count += step.count;
+		job_count[job] += step.count;
 		if (step.count == 0 || ShutdownRequestPending || job == JOB_MONITOR)
 			break;
 		if (job == JOB_ARCHIVE)
 			WorkerPause((long) ((GetCurrentTimestamp() - started) / 1000));
+		if (GetCurrentTimestamp() >= slice_end)
+		{
+			job_more[job] = true;	/* the worker's loop relays events */
+			return;
+		}
 		/* a long backlog must not hold up the events */
-		else if (job != JOB_QUEUE || step.count >= worker_jobs[job].batch)
+		if (job != JOB_ARCHIVE &&
+			(job != JOB_QUEUE || step.count >= worker_jobs[job].batch))
 			PointsKafkaRound();
 		CHECK_FOR_INTERRUPTS();
 	}
+	total.count = job_count[job];
+	job_count[job] = 0;
 	if (job != JOB_QUEUE || total.count > 0)
 		(void) PointsWorkerTransaction("points: record run", StepRecordRun, &total, true);
+}
+
+/*
+ * RunJobIfDue
+ *		Start a run of job if its interval (ms) has passed since *last, or
+ *		continue an unfinished one.
+ */
+static void
+RunJobIfDue(WorkerJob job, TimestampTz *last, int64 interval_ms)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (ShutdownRequestPending)
+		return;
+	if (!job_more[job])
+	{
+		if (now < AddMs(*last, interval_ms))
+			return;
+		*last = now;
+	}
+	RunBatches(job);
 }
 
 static void
@@ -457,20 +504,11 @@ points_worker_main(Datum main_arg)
 			last_check = GetCurrentTimestamp();
 		}
 
-		now = GetCurrentTimestamp();
-		if (now >= AddMs(last_expire, (int64) points_expire_interval * 1000))
-		{
-			last_expire = now;
-			RunBatches(JOB_EXPIRE);
-		}
-		if (!ShutdownRequestPending &&
-			now >= AddMs(last_archive, (int64) points_archive_interval * 1000))
-		{
-			last_archive = now;
-			RunBatches(JOB_ARCHIVE);
-		}
+		RunJobIfDue(JOB_EXPIRE, &last_expire, (int64) points_expire_interval * 1000);
+		RunJobIfDue(JOB_ARCHIVE, &last_archive, (int64) points_archive_interval * 1000);
 		if (!ShutdownRequestPending)
 			RunQueueIfDue();
+		now = GetCurrentTimestamp();
 		if (!ShutdownRequestPending && now >= AddMs(last_monitor, WORKER_MONITOR_MS))
 		{
 			bool		has_monitor = false;
@@ -501,6 +539,8 @@ points_worker_main(Datum main_arg)
 		kafka_wait = PointsKafkaWaitMs();
 		if (kafka_wait >= 0 && kafka_wait < timeout)
 			timeout = kafka_wait;
+		if (job_more[JOB_EXPIRE] || job_more[JOB_ARCHIVE] || job_more[JOB_QUEUE])
+			timeout = 0;		/* a run to continue */
 		if (timeout > 0)
 		{
 			int			events = WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH;

@@ -20,7 +20,9 @@
 #      worker_status.expire_total_lots counts them all across the crashes;
 #   6. a new points.database on reload restarts the worker in that database;
 #   7. pg_terminate_backend() of the worker: it is started again;
-#   8. SIGTERM at shutdown (stop fast) is clean: "points worker stopping",
+#   8. a long queue run (a 300,000-request campaign) is cut into slices:
+#      a lot due meanwhile is expired before the campaign's last batch;
+#   9. SIGTERM at shutdown (stop fast) is clean: "points worker stopping",
 #      no "terminated by signal", no exit code other than 1.
 use strict;
 use warnings;
@@ -301,7 +303,30 @@ my $pid5 = wait_new_worker($pid4, 'db2', 'a terminated worker is started again')
 ok(!$node->log_contains(qr/terminated by signal/, $log_offset),
 	'a terminated worker exits cleanly, it does not crash');
 
-# ---- 8. SIGTERM at shutdown is clean ----
+# ---- 8. a long run is cut into slices: the other jobs go on meanwhile ----
+
+# A campaign of 300,000 queued earns takes the worker several seconds (at
+# least 2 s slices); a lot that expires one second after the campaign's
+# commit is expired by the worker (expire_interval = 1s) before the last
+# request of the campaign is applied.
+$node->safe_psql('db2',
+	q{SELECT count(points.earn_async(u, 10)) FROM generate_series(100001, 400000) u});
+$node->safe_psql('db2', q{SELECT points.earn(8, 70,
+	expires_at => clock_timestamp() + interval '1 second')});
+wait_until(q{SELECT count(*) = 1 FROM points.ledger WHERE kind = 'expire' AND user_id = 8},
+	'the lot expires while the campaign is applied', 'db2');
+wait_until(q{SELECT queue_depth = 0 FROM points.worker_status},
+	'the campaign is applied', 'db2');
+is( $node->safe_psql(
+		'db2', q{
+	SELECT (SELECT created_at FROM points.ledger WHERE kind = 'expire' AND user_id = 8)
+	     < (SELECT max(applied_at) FROM points.request WHERE user_id > 100000)}),
+	't', "the expiry ran before the campaign's last batch (the queue run was sliced)");
+is($node->safe_psql('db2', 'SELECT count(*) FROM points.verify()'), '0',
+	'db2: verify() empty after the campaign');
+note_time('slices');
+
+# ---- 9. SIGTERM at shutdown is clean ----
 
 $log_offset = -s $node->logfile;
 $node->stop('fast');
