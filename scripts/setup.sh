@@ -9,7 +9,7 @@ PACKAGES=(
     postgresql-15 postgresql-server-dev-15
     postgresql-15-cron postgresql-15-pgtap
     librdkafka-dev kcat pkg-config
-    libipc-run-perl curl
+    libipc-run-perl curl valgrind
     build-essential
 )
 

@@ -6,6 +6,8 @@
 #   stress    randomized load with a live invariant checker (test/stress)
 #   tap       crash, worker, queue and Kafka tests (test/t), as user postgres
 #   monitoring  Prometheus rules (promtool) and the real exporter's scrape
+#   valgrind  the pg_regress files against a server under valgrind memcheck;
+#             fails on an error in the extension's code (test/valgrind.sh)
 # Usage: test/all.sh [suite ...]     (default: all; SKIP_SETUP=1 skips setup)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +17,7 @@ ROOT=$(pwd)
 
 PRELOAD="shared_preload_libraries=points"
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(regress pgtap stress tap monitoring)
+[ ${#suites[@]} -gt 0 ] || suites=(regress pgtap stress tap monitoring valgrind)
 
 suite_regress() {
     pg_virtualenv -t -o "$PRELOAD" -c '-p 5451' make -s installcheck
@@ -33,6 +35,10 @@ suite_stress() {
 
 suite_monitoring() {
     bash test/monitoring.sh
+}
+
+suite_valgrind() {
+    bash test/valgrind.sh
 }
 
 suite_tap() {
