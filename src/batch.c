@@ -25,6 +25,7 @@
 #include "points.h"
 
 static SPIPlanPtr plan_batch;
+static SPIPlanPtr plan_new_accounts;
 static SPIPlanPtr plan_accounts;
 static SPIPlanPtr plan_lock_accounts;
 
@@ -55,18 +56,18 @@ CompareAccount(const void *a, const void *b)
  *		rows of the last SPI result that is free now (a busy user is left
  *		for a later batch; the job never waits; got[i] says which, when got
  *		is not NULL), within the transaction's budget (above), then read
- *		their account rows.  With create, a user
- *		without an account gets one in the set (balance 0, is_new), which
- *		the append inserts if the batch writes for it: under the user lock
- *		nobody else can make it meanwhile.  Fills set and returns false
- *		when no user was free.
+ *		their account rows.  With create, a user without an account gets
+ *		one in the set (balance 0, is_new), which the append inserts if the
+ *		batch writes for it: under the user lock nobody else can make it
+ *		meanwhile.  now is a new account's created_at.  Fills set and
+ *		returns false when no user was free.
  */
 bool
-PointsLockBatchUsers(bool create, uint64 max_rows, bool *got,
+PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
 					 PointsAccountSet *set)
 {
-	static const Oid types[1] = {INT8ARRAYOID};
-	Datum		values[1];
+	static const Oid types[2] = {INT8ARRAYOID, TIMESTAMPTZOID};
+	Datum		values[2];
 	Datum	   *locked = palloc(sizeof(Datum) * (SPI_processed + 1));
 	int			nlocked = 0;
 	int			budget;
@@ -99,6 +100,24 @@ PointsLockBatchUsers(bool create, uint64 max_rows, bool *got,
 	set->users = PointerGetDatum(construct_array(locked, nlocked, INT8OID, 8,
 												 true, TYPALIGN_DOUBLE));
 	values[0] = set->users;
+	values[1] = TimestampTzGetDatum(now);
+	if (create && IsolationUsesXactSnapshot())
+	{
+		/*
+		 * A transaction snapshot may predate an account that a caller made
+		 * and committed before we got the user's lock: the read below would
+		 * not see it and the batch would write user_seq 1 again (23505 from
+		 * the ledger).  Inserting first turns that into 40001, as for one
+		 * call (PointsLockAccount); under READ COMMITTED the read after the
+		 * locks sees every account and the append inserts the new ones.
+		 */
+		PointsPlanSet(&plan_new_accounts,
+				   "INSERT INTO points.account (user_id, balance, last_seq, created_at, updated_at)"
+				   " SELECT u, 0, 0, $2, $2 FROM unnest($1) u"
+				   " ON CONFLICT (user_id) DO NOTHING",
+				   2, types);
+		PointsExec(plan_new_accounts, values, NULL, false, 0);
+	}
 	/* FOR UPDATE only for a transaction snapshot: see PointsLockAccount */
 	if (IsolationUsesXactSnapshot())
 		plan = PointsPlanSet(&plan_lock_accounts,

@@ -71,7 +71,7 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 			   3, types);
 	PointsExec(plan_due_users, values, NULL, false, 0);
 
-	if (!PointsLockBatchUsers(false, SPI_processed, NULL, &set))
+	if (!PointsLockBatchUsers(false, now, SPI_processed, NULL, &set))
 	{
 		SPI_finish();
 		PG_RETURN_INT64(0);

@@ -221,8 +221,8 @@ typedef struct PointsAccountSet
 	PointsAccountState *accounts;
 } PointsAccountSet;
 
-extern bool PointsLockBatchUsers(bool create, uint64 max_rows, bool *got,
-								 PointsAccountSet *set);
+extern bool PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows,
+								 bool *got, PointsAccountSet *set);
 extern PointsAccountState *PointsFindAccount(PointsAccountSet *set, int64 user_id);
 extern void PointsBatchAdd(PointsTxBatch *b, int64 user_id, int64 user_seq,
 						   const char *kind, int64 amount, int64 balance_after,

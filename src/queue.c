@@ -286,7 +286,7 @@ points_apply_queued(PG_FUNCTION_ARGS)
 	cand_got = palloc0(sizeof(bool) * (ncand + 1));
 	for (i = 0; i < ncand; i++)
 		cand_min[i] = PointsGetInt64(i, 2, NULL);
-	if (!PointsLockBatchUsers(true, POINTS_BATCH_MAX_USERS, cand_got, &set))
+	if (!PointsLockBatchUsers(true, now, POINTS_BATCH_MAX_USERS, cand_got, &set))
 	{
 		SPI_finish();
 		PG_RETURN_INT64(0);

@@ -346,6 +346,8 @@ RunBatches(WorkerJob job)
 			break;
 		if (job == JOB_ARCHIVE)
 			WorkerPause((long) ((GetCurrentTimestamp() - started) / 1000));
+		if (ShutdownRequestPending)
+			break;
 		if (GetCurrentTimestamp() >= slice_end)
 		{
 			job_more[job] = true;	/* the worker's loop relays events */

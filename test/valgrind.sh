@@ -12,16 +12,19 @@
 #   bash test/valgrind.sh               every regress file (4-5 minutes here)
 #   bash test/valgrind.sh earn queue    only these
 #
-# test/all.sh runs it as the suite "valgrind".  Debian's PostgreSQL is not
-# built with USE_VALGRIND, so an overrun inside a palloc'd block is not
-# seen; everything at malloc level, and every uninitialised value, is.
-# pg_regress's own verdict is printed, not judged (under valgrind the tests
-# that sleep for the worker can see it late).  Needs the extension installed
+# The worker runs in the regress database (points.database), its jobs every
+# second or so, so its code is checked too.  test/all.sh runs this as the
+# suite "valgrind".  Debian's PostgreSQL is not built with USE_VALGRIND: an
+# overrun inside a palloc'd block, or a read of a recycled palloc chunk, is
+# not seen; what is: errors at malloc level, and uninitialised values in
+# memory fresh from malloc or the stack.  pg_regress's verdict on the
+# outputs is printed, not judged (the busy worker changes some of them);
+# a server that does not start, or a pg_regress that cannot run, fails.  Needs the extension installed
 # (make install) and valgrind, both from scripts/setup.sh; runs as root,
 # the server as user postgres.  VG_PORT (5470) moves the port; VG_KEEP=1
 # keeps the logs.
 #
-set -eu
+set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 port=${VG_PORT:-5470}
@@ -39,15 +42,24 @@ unix_socket_directories = '$dir'
 listen_addresses = ''
 max_connections = 20
 jit = off
+points.database = 'contrib_regression'
+points.expire_interval = '1s'
+points.archive_interval = '10s'
 EOF
 
 su postgres -c "valgrind --quiet --trace-children=yes --track-origins=yes \
     --error-limit=no --num-callers=40 --fullpath-after= --log-file=$dir/vg.%p.log \
     $bin/postgres -D $dir/data" >"$dir/server.log" 2>&1 &
-for _ in $(seq 120); do
-    "$bin/pg_isready" -q -h "$dir" -p "$port" && break
+up=0
+for _ in $(seq 180); do
+    "$bin/pg_isready" -q -h "$dir" -p "$port" && { up=1; break; }
     sleep 1
 done
+if [ "$up" != 1 ]; then
+    echo "valgrind: the server did not start under valgrind; see $dir/server.log"
+    tail -20 "$dir/server.log"
+    exit 1
+fi
 
 # pg_regress in a copy of the tree owned by postgres (it writes results/)
 cp -r "$here" "$dir/src"
@@ -57,8 +69,12 @@ regress=$(dirname "$(pg_config --pgxs)")/../test/regress/pg_regress
 su postgres -c "cd $dir/src && $regress \
     --inputdir=. --load-extension=points --host=$dir --port=$port \
     --dbname=contrib_regression ${tests[*]}" || status=$?
-# (pg_regress's own verdict only says whether outputs matched; under
-# valgrind a timing-dependent line may differ, so it is reported, not judged)
+# exit 1: some outputs differ (not judged, see above); 2 or more: it could
+# not run (no server, no database): a failure
+if [ "$status" -ge 2 ]; then
+    echo "valgrind: pg_regress could not run (exit $status)"
+    exit 1
+fi
 
 su postgres -c "$bin/pg_ctl -D $dir/data stop -m fast" >/dev/null || true
 sleep 2
@@ -68,7 +84,9 @@ sleep 2
 # (the server's own, e.g. padding it writes to WAL, pass through the
 # worker's start-up deep down and are not judged).
 ours=$(ls "$here"/src/*.c | xargs -n1 basename | paste -sd'|')
-cat "$dir"/vg.*.log | perl -e '
+logs=("$dir"/vg.*.log)
+[ -f "${logs[0]}" ] || { echo "valgrind: no valgrind log in $dir"; exit 1; }
+cat "${logs[@]}" | perl -e '
     my $re = qr{/src/(?:'"$ours"'):\d+\)};
     my (@blocks, $b);
     while (<STDIN>) {
