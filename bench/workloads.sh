@@ -330,15 +330,21 @@ w5() {
         read -r a b <<<"$(pgb w5-w1 -f "$SQL/w1_earn_use.sql" "${W1ARGS[@]}")"; base+=" $a"; eb=$((eb + b))
         set_guc points.kafka_brokers "$BOOTSTRAP"
         wait_until 300 "$outbox_empty" >/dev/null    # the baseline's events, not timed
-        "$BENCH/probe" lag --seconds "$SECS" --lo 1 --hi $USERS --interval-ms 20 \
-            >"$OUT/runs/lag-$r.txt" 2>"$OUT/runs/lag-$r.err" &
-        lag=$!
         read -r a b <<<"$(pgb w5-ours -f "$SQL/w1_earn_use.sql" "${W1ARGS[@]}")"; ours+=" $a"; eo=$((eo + b))
-        wait $lag
         after+=" $(wait_until 300 "$outbox_empty")"
     done
+    # The lag is sampled in a publishing run of its own, under the same W1
+    # load: the probe (an earn every 20 ms, its outbox row polled every 2 ms,
+    # ~400 queries/s) would otherwise load only the publishing side of the
+    # ratio (~3% of the machine, measured).
+    "$BENCH/probe" lag --seconds "$SECS" --lo 1 --hi $USERS --interval-ms 20 \
+        >"$OUT/runs/lag-1.txt" 2>"$OUT/runs/lag-1.err" &
+    lag=$!
+    read -r a b <<<"$(pgb w5-lag -f "$SQL/w1_earn_use.sql" "${W1ARGS[@]}")"
+    wait $lag
+    wait_until 300 "$outbox_empty" >/dev/null
     result W5 "W1 without publishing" "$base" "$ours" w5-w1 w5-ours $eo $eb ">=0.9x" 0.9 \
-        "outbox empty after the publishing runs stopped within:$after s"
+        "outbox empty after the publishing runs stopped within:$after s; the lag run (probe on) did $a TPS"
     # the lag samples of all rounds
     cat "$OUT"/runs/lag-*.txt >&2
     lag=$(perl -e '
@@ -350,9 +356,9 @@ w5() {
         printf "%.0f %.0f %d %d", $p99[-1] // 0, (sort { $a <=> $b } @p50)[int($#p50 / 2)] // 0, $n, $to;' \
         "$OUT"/runs/lag-*.txt)
     read -r a b n t <<<"$lag"
-    extra "W5 commit-to-ack lag p99 (worst round; p50 median)" "${a} ms (p50 ${b} ms)" "<1000 ms" \
+    extra "W5 commit-to-ack lag p99 (p50)" "${a} ms (p50 ${b} ms)" "<1000 ms" \
         "$( ((n > 0 && t == 0)) && verdict_le "$a" 1000 || echo MISS)" \
-        "$n samples during the publishing runs; each: earn commits, then its outbox row polled every 2 ms until the worker deleted it after the ack; $t not acked within 30 s"
+        "$n samples during a publishing W1 run of its own; each: earn commits, then its outbox row polled every 2 ms until the worker deleted it after the ack; $t not acked within 30 s"
 
     set_guc points.kafka_brokers ""
     # what the broker holds: the sum of the partitions' end offsets (kept
