@@ -283,7 +283,7 @@ points_apply_queued(PG_FUNCTION_ARGS)
 		ncand = SPI_processed;
 	}
 	cand_min = palloc(sizeof(int64) * (ncand + 1));
-	cand_got = palloc0(sizeof(bool) * (ncand + 1));
+	cand_got = palloc(sizeof(bool) * (ncand + 1));	/* set by PointsLockBatchUsers */
 	for (i = 0; i < ncand; i++)
 		cand_min[i] = PointsGetInt64(i, 2, NULL);
 	if (!PointsLockBatchUsers(true, now, POINTS_BATCH_MAX_USERS, cand_got, &set))

@@ -256,6 +256,27 @@ AddMs(TimestampTz t, int64 ms)
 }
 
 /*
+ * RunJobIfDue
+ *		Start a run of job if its interval (ms) has passed since *last, or
+ *		continue an unfinished one.
+ */
+static void
+RunJobIfDue(WorkerJob job, TimestampTz *last, int64 interval_ms)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (ShutdownRequestPending)
+		return;
+	if (!job_more[job])
+	{
+		if (now < AddMs(*last, interval_ms))
+			return;
+		*last = now;
+	}
+	RunBatches(job);
+}
+
+/*
  * RunQueueIfDue
  *		Apply queued earns if a commit queued some since the last look, or
  *		points.queue_interval has passed (which also retries what a run left:
@@ -264,16 +285,10 @@ AddMs(TimestampTz t, int64 ms)
 static void
 RunQueueIfDue(void)
 {
-	TimestampTz now = GetCurrentTimestamp();
-
-	if (job_more[JOB_QUEUE])
-		RunBatches(JOB_QUEUE);
-	else if (PointsTakeQueuePending() ||
-			 now >= AddMs(last_queue, points_queue_interval))
-	{
-		last_queue = now;
-		RunBatches(JOB_QUEUE);
-	}
+	/* a commit that queued requests makes the queue due at once */
+	if (!job_more[JOB_QUEUE] && PointsTakeQueuePending())
+		last_queue = 0;
+	RunJobIfDue(JOB_QUEUE, &last_queue, points_queue_interval);
 }
 
 /*
@@ -363,27 +378,6 @@ RunBatches(WorkerJob job)
 	job_count[job] = 0;
 	if (job != JOB_QUEUE || total.count > 0)
 		(void) PointsWorkerTransaction("points: record run", StepRecordRun, &total, true);
-}
-
-/*
- * RunJobIfDue
- *		Start a run of job if its interval (ms) has passed since *last, or
- *		continue an unfinished one.
- */
-static void
-RunJobIfDue(WorkerJob job, TimestampTz *last, int64 interval_ms)
-{
-	TimestampTz now = GetCurrentTimestamp();
-
-	if (ShutdownRequestPending)
-		return;
-	if (!job_more[job])
-	{
-		if (now < AddMs(*last, interval_ms))
-			return;
-		*last = now;
-	}
-	RunBatches(job);
 }
 
 static void
@@ -508,8 +502,7 @@ points_worker_main(Datum main_arg)
 
 		RunJobIfDue(JOB_EXPIRE, &last_expire, (int64) points_expire_interval * 1000);
 		RunJobIfDue(JOB_ARCHIVE, &last_archive, (int64) points_archive_interval * 1000);
-		if (!ShutdownRequestPending)
-			RunQueueIfDue();
+		RunQueueIfDue();
 		now = GetCurrentTimestamp();
 		if (!ShutdownRequestPending && now >= AddMs(last_monitor, WORKER_MONITOR_MS))
 		{

@@ -28,7 +28,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 port=${VG_PORT:-5470}
-bin=$(pg_config --bindir)
+# PostgreSQL 15's pg_config, not whatever pg_config is first on PATH
+pg_config=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+bin=$("$pg_config" --bindir)
 dir=$(mktemp -d /tmp/points_vg.XXXXXX)
 chown postgres "$dir"
 tests=("$@")
@@ -65,7 +67,7 @@ fi
 cp -r "$here" "$dir/src"
 chown -R postgres "$dir/src"
 status=0
-regress=$(dirname "$(pg_config --pgxs)")/../test/regress/pg_regress
+regress=$(dirname "$("$pg_config" --pgxs)")/../test/regress/pg_regress
 su postgres -c "cd $dir/src && $regress \
     --inputdir=. --load-extension=points --host=$dir --port=$port \
     --dbname=contrib_regression ${tests[*]}" || status=$?
