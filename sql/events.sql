@@ -52,7 +52,8 @@ WHERE o.payload <> r.body || jsonb_build_object('type', r.type)
 SELECT count(*) FROM ref r WHERE NOT EXISTS (SELECT FROM points.outbox o WHERE o.id = r.tx_id);
 -- expire events carry their lot; the metadata types came through as given
 SELECT kind, jsonb_typeof(metadata) AS t, count(*) FROM ref GROUP BY 1, 2 ORDER BY 1, 2;
-SELECT o.payload->'metadata' = jsonb_build_object('lot_id', l.lot_id) AS lot_ok
+SELECT o.payload->'metadata' = jsonb_build_object('lots', jsonb_build_array(
+           jsonb_build_object('lot_id', l.lot_id, 'amount', l.amount))) AS lot_ok
 FROM points.outbox o JOIN points.ledger g ON g.tx_id = o.id
 JOIN points.lot l ON l.user_id = g.user_id
 WHERE g.kind = 'expire' AND g.user_id = 505;

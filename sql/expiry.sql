@@ -18,10 +18,13 @@ SELECT amount, balance_after FROM points.use(401, 10);
 SELECT balance FROM points.account WHERE user_id = 401;
 SELECT * FROM points.verify(401);
 
--- the expiry job writes one expire transaction (and event) per lot
+-- the expiry job writes one expire transaction (and event) per user, listing its lots
 SELECT points.expire_due() >= 2 AS expired;
 SELECT points.expire_due();
-SELECT user_seq, kind, amount, balance_after, metadata ? 'lot_id' AS names_lot
+SELECT user_seq, kind, amount, balance_after,
+       metadata = jsonb_build_object('lots', jsonb_build_array(
+           jsonb_build_object('lot_id', (SELECT tx_id FROM points.history(401) WHERE user_seq = 1),
+                              'amount', 100))) AS names_lot
 FROM points.history(401) ORDER BY user_seq;
 SELECT o.type, (o.payload->>'amount')::bigint AS amount
 FROM points.outbox o JOIN points.ledger g ON g.tx_id = o.id
@@ -34,6 +37,29 @@ SELECT count(points.earn(403, 1, expires_at => clock_timestamp() + interval '300
 FROM generate_series(1, 5);
 SELECT pg_sleep(0.4);
 SELECT points.expire_due(2), points.expire_due(2), points.expire_due(2), points.expire_due(2);
+SELECT user_seq, amount, jsonb_array_length(metadata->'lots') AS lots
+FROM points.history(403) WHERE kind = 'expire' ORDER BY user_seq;
+
+-- the lots of a user due together expire in one transaction, soonest first,
+-- at most 100 lots to a transaction (an event stays small)
+SELECT count(points.earn(406, i, expires_at => clock_timestamp() + interval '300 ms' - i * interval '1 ms'))
+FROM generate_series(1, 3) i;
+SELECT count(points.earn(407, 1, expires_at => clock_timestamp() + interval '300 ms'))
+FROM generate_series(1, 101);
+SELECT pg_sleep(0.4);
+SELECT points.expire_due();
+SELECT user_id, user_seq, amount, balance_after, jsonb_array_length(metadata->'lots') AS lots
+FROM points.ledger WHERE user_id IN (406, 407) AND kind = 'expire' ORDER BY user_id, user_seq;
+SELECT array_agg((x->>'amount')::int ORDER BY o) AS soonest_first
+FROM points.ledger, jsonb_array_elements(metadata->'lots') WITH ORDINALITY AS e(x, o)
+WHERE user_id = 406 AND kind = 'expire';
+SELECT count(*) AS lots_listed_once
+FROM points.lot l JOIN points.ledger g ON g.user_id = l.user_id AND g.kind = 'expire'
+JOIN LATERAL jsonb_array_elements(g.metadata->'lots') x ON (x->>'lot_id')::bigint = l.lot_id
+WHERE l.user_id IN (406, 407) AND (x->>'amount')::bigint = l.amount AND l.remaining = 0;
+SELECT o.payload->'metadata' = g.metadata AS event_lists_lots, count(*)
+FROM points.ledger g JOIN points.outbox o ON o.id = g.tx_id
+WHERE g.user_id IN (406, 407) AND g.kind = 'expire' GROUP BY 1;
 
 -- a use cancelled after its lot expired restores points that are already expired
 SELECT amount FROM points.earn(404, 50, expires_at => clock_timestamp() + interval '300 ms');

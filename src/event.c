@@ -236,16 +236,27 @@ PointsEventPayload(int64 tx_id, int64 user_id, int64 user_seq,
 }
 
 /*
- * PointsLotMetadata
- *		{"lot_id": N}, the metadata of an expire transaction.
+ * PointsLotsMetadata
+ *		{"lots": [{"lot_id": N, "amount": n}, ...]}, the metadata of an
+ *		expire transaction: the lots it emptied and the points each held.
  */
 Datum
-PointsLotMetadata(int64 lot_id)
+PointsLotsMetadata(const int64 *lot_ids, const int64 *amounts, int n)
 {
 	JsonbParseState *st = NULL;
 	MemoryContext outer = BeginBuild();
+	int			i;
 
 	(void) pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
-	PushInt(&st, "lot_id", lot_id, false);
+	PushKey(&st, "lots");
+	(void) pushJsonbValue(&st, WJB_BEGIN_ARRAY, NULL);
+	for (i = 0; i < n; i++)
+	{
+		(void) pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+		PushInt(&st, "lot_id", lot_ids[i], false);
+		PushInt(&st, "amount", amounts[i], false);
+		(void) pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	}
+	(void) pushJsonbValue(&st, WJB_END_ARRAY, NULL);
 	return EndBuild(outer, pushJsonbValue(&st, WJB_END_OBJECT, NULL));
 }

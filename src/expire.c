@@ -9,8 +9,10 @@
  * each user's lock and skips a user that is busy, so it never waits for a
  * caller and never takes part in a deadlock, and it locks at most
  * POINTS_BATCH_MAX_USERS users per call so that a backlog cannot fill the
- * shared lock table.  Each expired lot becomes one "expire" transaction
- * with metadata {"lot_id": N}.
+ * shared lock table.  The lots of one user due in one call become one
+ * "expire" transaction (at most POINTS_EXPIRE_MAX_LOTS lots each) with
+ * metadata {"lots": [{"lot_id": N, "amount": n}, ...]}: a backlog of ten
+ * lots a user costs one ledger row and one event, not ten.
  *
  *-------------------------------------------------------------------------
  */
@@ -56,6 +58,8 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 	PointsTxBatch batch = {0};
 	uint64		i;
 	int64		nlots;
+	int64	   *lot_ids;
+	int64	   *amounts;
 
 	values[0] = TimestampTzGetDatum(now);
 	values[1] = Int32GetDatum(max_lots);
@@ -129,16 +133,32 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 		elog(ERROR, "points: %llu of %lld due lots could be expired",
 			 (unsigned long long) SPI_processed, (long long) nlots);
 
-	/* one expire transaction per lot, in each user's order */
-	for (i = 0; i < (uint64) nlots; i++)
+	/*
+	 * One expire transaction per user for the lots of that user due now (in
+	 * chunks of POINTS_EXPIRE_MAX_LOTS, so that an event stays small), each
+	 * lot and its points listed in the metadata.
+	 */
+	lot_ids = palloc(sizeof(int64) * POINTS_EXPIRE_MAX_LOTS);
+	amounts = palloc(sizeof(int64) * POINTS_EXPIRE_MAX_LOTS);
+	for (i = 0; i < (uint64) nlots;)
 	{
-		PointsAccountState *a = PointsFindAccount(&set, PointsGetInt64Of(due, i, 2, NULL));
-		int64		lot_id = PointsGetInt64Of(due, i, 1, NULL);
-		int64		remaining = PointsGetInt64Of(due, i, 3, NULL);
-		a->balance -= remaining;
+		int64		user_id = PointsGetInt64Of(due, i, 2, NULL);
+		PointsAccountState *a = PointsFindAccount(&set, user_id);
+		int64		total = 0;
+		int			n = 0;
+
+		for (; i < (uint64) nlots && n < POINTS_EXPIRE_MAX_LOTS &&
+			 PointsGetInt64Of(due, i, 2, NULL) == user_id; i++, n++)
+		{
+			lot_ids[n] = PointsGetInt64Of(due, i, 1, NULL);
+			amounts[n] = PointsGetInt64Of(due, i, 3, NULL);
+			total += amounts[n];	/* <= the balance: cannot overflow */
+		}
+		a->balance -= total;
 		a->last_seq++;
-		PointsBatchAdd(&batch, a->user_id, a->last_seq, "expire", -remaining,
-					   a->balance, NULL, NULL, PointsLotMetadata(lot_id), 0);
+		PointsBatchAdd(&batch, user_id, a->last_seq, "expire", -total,
+					   a->balance, NULL, NULL,
+					   PointsLotsMetadata(lot_ids, amounts, n), 0);
 	}
 	PointsAppendBatch(&batch, &set, now);
 	SPI_finish();

@@ -37,6 +37,8 @@
 
 /* Most distinct users a batch job locks in one transaction */
 #define POINTS_BATCH_MAX_USERS		1000
+/* lots listed in one expire transaction at most (its event stays a few kB) */
+#define POINTS_EXPIRE_MAX_LOTS		100
 
 /* tx_id and request_id are node_id * 2^40 + n */
 #define POINTS_NODE_SHIFT			40
@@ -107,7 +109,7 @@ extern Datum PointsEventPayload(int64 tx_id, int64 user_id, int64 user_seq,
 								int64 balance_after, TimestampTz occurred_at,
 								text *key, int64 cancels_tx, text *reason,
 								Datum metadata);
-extern Datum PointsLotMetadata(int64 lot_id);
+extern Datum PointsLotsMetadata(const int64 *lot_ids, const int64 *amounts, int n);
 
 /* stats.c: per-operation counters in shared memory */
 extern int64 points_call_points;	/* points the current call moved */

@@ -497,8 +497,9 @@ BEGIN
                    WHERE ut.kind = 'use' GROUP BY ul.lot_id),
          ec AS (SELECT ut.cancels_tx AS lot_id, -sum(ut.amount) AS cancelled
                   FROM ut WHERE ut.kind = 'earn_cancel' GROUP BY ut.cancels_tx),
-         ex AS (SELECT (ut.metadata->>'lot_id')::bigint AS lot_id, -sum(ut.amount) AS expired
-                  FROM ut WHERE ut.kind = 'expire' GROUP BY 1),
+         ex AS (SELECT (x->>'lot_id')::bigint AS lot_id, sum((x->>'amount')::bigint) AS expired
+                  FROM ut, jsonb_array_elements(ut.metadata->'lots') x
+                 WHERE ut.kind = 'expire' GROUP BY 1),
          taken AS (SELECT ul.use_tx, sum(ul.taken) AS taken, sum(ul.restored) AS restored
                      FROM ut JOIN points.use_lot ul ON ul.use_tx = ut.tx_id
                     WHERE ut.kind = 'use' GROUP BY ul.use_tx),

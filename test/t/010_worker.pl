@@ -120,14 +120,15 @@ sql(q{SELECT points.earn(2, 50, 'e3', expires_at => 'infinity')});
 wait_until(
 	q{SELECT count(*) = 2 FROM points.ledger WHERE kind = 'expire'},
 	'worker wrote the expire transactions (nobody called expire_due)');
-is( sql(qq{SELECT string_agg(user_id || ':' || amount || ':' || (metadata->>'lot_id'), ',' ORDER BY user_id)
+is( sql(qq{SELECT string_agg(user_id || ':' || amount || ':' || (metadata->'lots')::text, ',' ORDER BY user_id)
 	FROM points.ledger WHERE kind = 'expire'}),
-	"1:-100:$e1,2:-30:$e2", 'expire rows: the lots, their amounts');
+	qq{1:-100:[{"amount": 100, "lot_id": $e1}],2:-30:[{"amount": 30, "lot_id": $e2}]},
+	'expire rows: the lots, their amounts');
 is(sql('SELECT points.balance(1) || \',\' || points.balance(2)'), '0,50', 'balances after expiry');
 is(sql('SELECT balance FROM points.account WHERE user_id = 1'), '0',
 	'account balance 0 (stored, not just computed)');
 is(sql(q{SELECT count(*) FROM points.outbox WHERE type = 'points.expired'}), '2',
-	'an outbox event per expired lot');
+	'an outbox event per expire transaction');
 wait_until(q{SELECT expire_total_lots = 2 AND expire_last_run IS NOT NULL
 	FROM points.worker_status}, 'worker_status.expire_total_lots counts them');
 is(sql('SELECT count(*) FROM points.verify()'), '0', 'verify() empty');
@@ -216,7 +217,8 @@ while (time < $deadline)
 {
 	my $r = $node->safe_psql(
 		'postgres', q{
-		SELECT (SELECT count(*) FROM points.ledger WHERE kind = 'expire' AND user_id > 100000)
+		SELECT (SELECT coalesce(sum(jsonb_array_length(metadata->'lots')), 0)
+		        FROM points.ledger WHERE kind = 'expire' AND user_id > 100000)
 		    || ',' || coalesce((SELECT min(pid) FROM pg_stat_activity
 		                        WHERE backend_type = 'points worker' AND state = 'active'
 		                          AND query = 'points: expire_due')::text, '')});
@@ -233,7 +235,8 @@ while (time < $deadline)
 }
 ok($killed, 'worker killed in the middle of working off the backlog');
 my $pid3 = wait_new_worker($pid2, 'postgres', 'the worker comes back again');
-my $partial = sql(q{SELECT count(*) FROM points.ledger WHERE kind = 'expire' AND user_id > 100000});
+my $partial = sql(q{SELECT coalesce(sum(jsonb_array_length(metadata->'lots')), 0)
+	FROM points.ledger WHERE kind = 'expire' AND user_id > 100000});
 ok($partial > 0 && $partial < $nlots,
 	"after the crash the backlog is partly worked off ($partial of $nlots)");
 note_time('restart 2');
@@ -243,19 +246,25 @@ wait_until(q{SELECT expire_backlog = 0 FROM points.worker_status},
 	'the new worker works off the rest of the backlog at its start');
 note_time('backlog worked off');
 is( sql(q{SELECT count(*) FROM (
-	SELECT metadata->>'lot_id' FROM points.ledger WHERE kind = 'expire'
-	GROUP BY 1 HAVING count(*) > 1) d}),
+	SELECT x->>'lot_id' FROM points.ledger, jsonb_array_elements(metadata->'lots') x
+	WHERE kind = 'expire' GROUP BY 1 HAVING count(*) > 1) d}),
 	'0', 'no lot expired twice');
 is( sql(qq{SELECT count(*) FROM points.lot l WHERE l.user_id > 100000
-	AND (l.remaining <> 0 OR (SELECT count(*) FROM points.ledger g
+	AND (l.remaining <> 0 OR (SELECT count(*) FROM points.ledger g,
+	      jsonb_array_elements(g.metadata->'lots') x
 	      WHERE g.kind = 'expire' AND g.user_id = l.user_id
-	        AND g.metadata->>'lot_id' = l.lot_id::text AND g.amount = -l.amount) <> 1)}),
+	        AND x->>'lot_id' = l.lot_id::text AND (x->>'amount')::bigint = l.amount) <> 1)}),
 	'0', 'every lot expired exactly once, with its amount (none skipped)');
-is(sql(q{SELECT count(*) FROM points.ledger WHERE kind = 'expire' AND user_id > 100000}),
-	$nlots, "$nlots expire transactions");
+is( sql(q{SELECT count(*) FROM points.ledger g WHERE kind = 'expire' AND user_id > 100000
+	AND -amount <> (SELECT sum((x->>'amount')::bigint) FROM jsonb_array_elements(metadata->'lots') x)}),
+	'0', "each expire transaction's amount is the sum of its lots'");
+my $ntx = sql(q{SELECT count(*) FROM points.ledger WHERE kind = 'expire' AND user_id > 100000});
+ok($ntx >= $nusers && $ntx < $nlots,
+	"the lots a user had due together expired together ($ntx transactions for $nlots lots)");
 is( sql(q{SELECT count(*) FROM points.account WHERE user_id > 100000
-	AND (balance <> 0 OR last_seq <> 8)}),
-	'0', 'every account: balance 0, 4 earns + 4 expires');
+	AND (balance <> 0 OR last_seq <> (SELECT count(*) FROM points.ledger g
+	                                    WHERE g.user_id = account.user_id))}),
+	'0', 'every account: balance 0, user_seq gapless over its earns and expires');
 is( sql(q{SELECT count(*) FROM points.ledger l WHERE l.user_id > 100000
 	AND NOT EXISTS (SELECT FROM points.outbox o WHERE o.id = l.tx_id)}),
 	'0', 'an outbox event per ledger row');
@@ -265,8 +274,9 @@ note 'worker_status after the crashes: '
 	FROM points.worker_status});
 # totals move in the batch's own transaction, so a killed run loses none
 is(sql('SELECT expire_total_lots FROM points.worker_status'),
-	sql(q{SELECT count(*) FROM (SELECT kind FROM points.ledger UNION ALL
-		SELECT kind FROM points.ledger_archive) g WHERE kind = 'expire'}),
+	sql(q{SELECT sum(jsonb_array_length(metadata->'lots')) FROM (
+		SELECT kind, metadata FROM points.ledger UNION ALL
+		SELECT kind, metadata FROM points.ledger_archive) g WHERE kind = 'expire'}),
 	'worker_status.expire_total_lots counts every expired lot, across crashes');
 
 # ---- 6. a new points.database restarts the worker there ----
