@@ -106,3 +106,31 @@ SELECT points.apply_queued();
 SELECT state, count(*) FROM points.request WHERE user_id BETWEEN 780001 AND 781200 GROUP BY state;
 SELECT count(*) FROM points.request WHERE state = 'queued';
 SELECT * FROM points.verify();
+
+-- a batch writes its rows directly (not through INSERT statements), yet
+-- the tables' constraints hold: a CHECK added by an operator stops the
+-- batch, which leaves nothing half-written
+ALTER TABLE points.ledger ADD CONSTRAINT test_small CHECK (amount < 1000) NOT VALID;
+SELECT points.earn_async(790001, 5), points.earn_async(790002, 5000) \gset
+\set VERBOSITY sqlstate
+SELECT points.apply_queued();
+\set VERBOSITY default
+SELECT count(*) FROM points.ledger WHERE user_id IN (790001, 790002);
+SELECT count(*) FROM points.outbox WHERE aggregateid IN ('790001', '790002');
+SELECT count(*) AS queued FROM points.request WHERE user_id IN (790001, 790002) AND state = 'queued';
+ALTER TABLE points.ledger DROP CONSTRAINT test_small;
+
+-- with a trigger on one of the tables, a batch writes through SQL so that
+-- the trigger runs: one call per event (the two requests left above)
+CREATE TABLE outbox_seen (id bigint, type text);
+CREATE FUNCTION see_event() RETURNS trigger LANGUAGE plpgsql AS
+$$BEGIN INSERT INTO public.outbox_seen VALUES (NEW.id, NEW.type); RETURN NEW; END$$;
+CREATE TRIGGER see_event AFTER INSERT ON points.outbox FOR EACH ROW EXECUTE FUNCTION see_event();
+SELECT points.apply_queued();
+SELECT s.type, count(*) FROM outbox_seen s JOIN points.outbox o ON o.id = s.id
+WHERE o.aggregateid IN ('790001', '790002') GROUP BY 1;
+SELECT user_id, state FROM points.request WHERE user_id IN (790001, 790002) ORDER BY 1;
+DROP TRIGGER see_event ON points.outbox;
+DROP TABLE outbox_seen;
+DROP FUNCTION see_event();
+SELECT * FROM points.verify();

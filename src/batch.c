@@ -25,6 +25,7 @@
 #include "points.h"
 
 static SPIPlanPtr plan_batch;
+static SPIPlanPtr plan_final_accounts;
 static SPIPlanPtr plan_new_accounts;
 static SPIPlanPtr plan_accounts;
 static SPIPlanPtr plan_lock_accounts;
@@ -306,118 +307,257 @@ FinalStates(PointsTxBatch *b, PointsAccountSet *set, Datum *out)
 }
 
 /*
+ * BulkRows
+ *		The batch's ledger rows, lots and outbox events, written directly
+ *		(bulk.c); tables 0, 1, 2 of bulk are ledger, lot, outbox.
+ */
+static void
+BulkRows(PointsBulk *bulk, PointsTxBatch *b, Datum *payloads, Datum *types,
+		 TimestampTz created_at)
+{
+	Datum		created = TimestampTzGetDatum(created_at);
+	Datum		aggregatetype = CStringGetTextDatum("points.account");
+	AttrNumber	g_tx = PointsBulkAttnum(bulk, 0, "tx_id") - 1,
+				g_user = PointsBulkAttnum(bulk, 0, "user_id") - 1,
+				g_seq = PointsBulkAttnum(bulk, 0, "user_seq") - 1,
+				g_kind = PointsBulkAttnum(bulk, 0, "kind") - 1,
+				g_amount = PointsBulkAttnum(bulk, 0, "amount") - 1,
+				g_after = PointsBulkAttnum(bulk, 0, "balance_after") - 1,
+				g_key = PointsBulkAttnum(bulk, 0, "idempotency_key") - 1,
+				g_reason = PointsBulkAttnum(bulk, 0, "reason") - 1,
+				g_meta = PointsBulkAttnum(bulk, 0, "metadata") - 1,
+				g_created = PointsBulkAttnum(bulk, 0, "created_at") - 1;
+	AttrNumber	l_lot = PointsBulkAttnum(bulk, 1, "lot_id") - 1,
+				l_user = PointsBulkAttnum(bulk, 1, "user_id") - 1,
+				l_amount = PointsBulkAttnum(bulk, 1, "amount") - 1,
+				l_remaining = PointsBulkAttnum(bulk, 1, "remaining") - 1,
+				l_expires = PointsBulkAttnum(bulk, 1, "expires_at") - 1;
+	AttrNumber	o_id = PointsBulkAttnum(bulk, 2, "id") - 1,
+				o_aggtype = PointsBulkAttnum(bulk, 2, "aggregatetype") - 1,
+				o_aggid = PointsBulkAttnum(bulk, 2, "aggregateid") - 1,
+				o_type = PointsBulkAttnum(bulk, 2, "type") - 1,
+				o_payload = PointsBulkAttnum(bulk, 2, "payload") - 1,
+				o_created = PointsBulkAttnum(bulk, 2, "created_at") - 1;
+	Datum		kinds[8];
+	const char *kind_names[8];
+	int			nkinds = 0;
+
+	for (int i = 0; i < b->n; i++)
+	{
+		TupleTableSlot *s;
+		Datum		kind = (Datum) 0;
+		char		user_text[24];
+
+		/* the kind's text, made once per kind */
+		for (int k = 0; k < nkinds && kind == (Datum) 0; k++)
+			if (kind_names[k] == b->kind[i])
+				kind = kinds[k];
+		if (kind == (Datum) 0)
+		{
+			kind = CStringGetTextDatum(b->kind[i]);
+			if (nkinds < lengthof(kinds))
+			{
+				kind_names[nkinds] = b->kind[i];
+				kinds[nkinds++] = kind;
+			}
+		}
+
+		s = PointsBulkSlot(bulk, 0);
+#define SET(col, v) (s->tts_values[col] = (v), s->tts_isnull[col] = false)
+#define SETP(col, p) (s->tts_values[col] = PointerGetDatum(p), s->tts_isnull[col] = ((p) == NULL))
+		SET(g_tx, Int64GetDatum(b->tx_id[i]));
+		SET(g_user, Int64GetDatum(b->user_id[i]));
+		SET(g_seq, Int64GetDatum(b->user_seq[i]));
+		SET(g_kind, kind);
+		SET(g_amount, Int64GetDatum(b->amount[i]));
+		SET(g_after, Int64GetDatum(b->balance_after[i]));
+		SETP(g_key, b->key[i]);
+		SETP(g_reason, b->reason[i]);
+		SETP(g_meta, DatumGetPointer(b->metadata[i]));
+		SET(g_created, created);
+		PointsBulkAdd(bulk, 0);
+
+		if (b->lot_expires[i] != 0)
+		{
+			s = PointsBulkSlot(bulk, 1);
+			SET(l_lot, Int64GetDatum(b->tx_id[i]));
+			SET(l_user, Int64GetDatum(b->user_id[i]));
+			SET(l_amount, Int64GetDatum(b->amount[i]));
+			SET(l_remaining, Int64GetDatum(b->amount[i]));
+			SET(l_expires, TimestampTzGetDatum(b->lot_expires[i]));
+			PointsBulkAdd(bulk, 1);
+		}
+
+		s = PointsBulkSlot(bulk, 2);
+		snprintf(user_text, sizeof(user_text), INT64_FORMAT, b->user_id[i]);
+		SET(o_id, Int64GetDatum(b->tx_id[i]));
+		SET(o_aggtype, aggregatetype);
+		SET(o_aggid, CStringGetTextDatum(user_text));
+		SET(o_type, types[i]);
+		SET(o_payload, payloads[i]);
+		SET(o_created, created);
+		PointsBulkAdd(bulk, 2);
+#undef SET
+#undef SETP
+	}
+}
+
+/*
  * PointsAppendBatch
  *		Write every transaction of the batch, with its lot (earns), its
  *		outbox event, and each account's final balance and user_seq.  On
  *		return b->tx_id[i] is the tx_id of the i-th transaction.
+ *
+ * The rows go in directly (bulk.c) unless a table has triggers or rules;
+ * then one SQL statement writes them, so that those run.
  */
 void
 PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set, TimestampTz created_at)
 {
-	static const Oid types[19] = {
+	static const Oid types[13] = {
 		INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID, INT8ARRAYOID,
 		TEXTARRAYOID, TEXTARRAYOID, JSONBARRAYOID, TIMESTAMPTZARRAYOID,
-		INT8ARRAYOID, TIMESTAMPTZOID, JSONBARRAYOID, TEXTARRAYOID,
-		INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID,
+		INT8ARRAYOID, TIMESTAMPTZOID, JSONBARRAYOID, TEXTARRAYOID
+	};
+	static const Oid account_types[7] = {
+		TIMESTAMPTZOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID,
 		INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID
 	};
-	Datum		values[19];
+	Datum		values[13];
+	Datum		account_values[7];
 	Datum	   *d;
+	Datum	   *payloads;
+	Datum	   *event_types;
 	bool	   *nulls;
 	int64	   *tx_ids;
 	int			n = b->n;
 	int			i;
 	Oid			seq;
+	Oid			relids[3];
+	PointsBulk *bulk;
+	int64		written;
+	int64		expected;
+	ArrayType  *existing;
 
 	if (n == 0)
 		return;
 	d = palloc(sizeof(Datum) * n);
 	nulls = palloc(sizeof(bool) * n);
+	payloads = palloc(sizeof(Datum) * n);
+	event_types = palloc(sizeof(Datum) * n);
 	tx_ids = b->tx_id = palloc(sizeof(int64) * n);
 
 	/* tx_ids in batch order, so each user's grow with its user_seq */
 	seq = PointsRelid("tx_seq");
 	for (i = 0; i < n; i++)
 		tx_ids[i] = PointsNextTxId(seq);
-
-	values[0] = Int64Array(b->user_id, n);
-	values[1] = Int64Array(b->user_seq, n);
-	for (i = 0; i < n; i++)
-		d[i] = CStringGetTextDatum(b->kind[i]);
-	values[2] = MakeArray(d, NULL, n, TEXTOID);
-	values[3] = Int64Array(b->amount, n);
-	values[4] = Int64Array(b->balance_after, n);
 	for (i = 0; i < n; i++)
 	{
-		nulls[i] = b->key[i] == NULL;
-		d[i] = PointerGetDatum(b->key[i]);
+		payloads[i] = PointsEventPayload(tx_ids[i], b->user_id[i], b->user_seq[i],
+										 b->kind[i], b->amount[i], b->balance_after[i],
+										 created_at, b->key[i], 0, b->reason[i],
+										 b->metadata[i]);
+		event_types[i] = CStringGetTextDatum(PointsEventType(b->kind[i]));
 	}
-	values[5] = MakeArray(d, nulls, n, TEXTOID);
-	for (i = 0; i < n; i++)
-	{
-		nulls[i] = b->reason[i] == NULL;
-		d[i] = PointerGetDatum(b->reason[i]);
-	}
-	values[6] = MakeArray(d, nulls, n, TEXTOID);
-	for (i = 0; i < n; i++)
-	{
-		nulls[i] = b->metadata[i] == (Datum) 0;
-		d[i] = b->metadata[i];
-	}
-	values[7] = MakeArray(d, nulls, n, JSONBOID);
-	for (i = 0; i < n; i++)
-	{
-		nulls[i] = b->lot_expires[i] == 0;
-		d[i] = TimestampTzGetDatum(b->lot_expires[i]);
-	}
-	values[8] = MakeArray(d, nulls, n, TIMESTAMPTZOID);
-	values[9] = Int64Array(tx_ids, n);
 	values[10] = TimestampTzGetDatum(created_at);
-	for (i = 0; i < n; i++)
-		d[i] = PointsEventPayload(tx_ids[i], b->user_id[i], b->user_seq[i],
-								  b->kind[i], b->amount[i], b->balance_after[i],
-								  created_at, b->key[i], 0, b->reason[i],
-								  b->metadata[i]);
-	values[11] = MakeArray(d, NULL, n, JSONBOID);
-	for (i = 0; i < n; i++)
-		d[i] = CStringGetTextDatum(PointsEventType(b->kind[i]));
-	values[12] = MakeArray(d, NULL, n, TEXTOID);
-	FinalStates(b, set, &values[13]);
+	account_values[0] = values[10];
+	FinalStates(b, set, &account_values[1]);
 
-	PointsPlanSet(&plan_batch,
-			   "WITH n AS ("
-			   "  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13)"
-			   "    WITH ORDINALITY AS n(user_id, user_seq, kind, amount, balance_after,"
-			   "                         key, reason, metadata, lot_expires, tx_id,"
-			   "                         payload, type, ord)),"
-			   " t AS ("
-			   "  INSERT INTO points.ledger (tx_id, user_id, user_seq, kind, amount,"
-			   "    balance_after, idempotency_key, cancels_tx, reason, metadata, created_at)"
-			   "  SELECT tx_id, user_id, user_seq, kind, amount, balance_after, key, NULL,"
-			   "         reason, metadata, $11 FROM n"
-			   "  RETURNING 1),"
-			   " l AS ("
-			   "  INSERT INTO points.lot (lot_id, user_id, amount, remaining, expires_at)"
-			   "  SELECT tx_id, user_id, amount, amount, lot_expires FROM n"
-			   "  WHERE lot_expires IS NOT NULL),"
-			   " o AS ("
-			   "  INSERT INTO points.outbox (id, aggregateid, type, payload, created_at)"
-			   "  SELECT tx_id, user_id::text, type, payload, $11 FROM n),"
-			   " a AS ("
+	relids[0] = PointsRelid("ledger");
+	relids[1] = PointsRelid("lot");
+	relids[2] = PointsRelid("outbox");
+	bulk = palloc(sizeof(PointsBulk));
+	PointsBulkBegin(bulk, relids, 3);
+	if (PointsBulkUsable(bulk))
+	{
+		BulkRows(bulk, b, payloads, event_types, created_at);
+		PointsBulkEnd(bulk);
+	}
+	else
+	{
+		PointsBulkEnd(bulk);
+		values[0] = Int64Array(b->user_id, n);
+		values[1] = Int64Array(b->user_seq, n);
+		for (i = 0; i < n; i++)
+			d[i] = CStringGetTextDatum(b->kind[i]);
+		values[2] = MakeArray(d, NULL, n, TEXTOID);
+		values[3] = Int64Array(b->amount, n);
+		values[4] = Int64Array(b->balance_after, n);
+		for (i = 0; i < n; i++)
+		{
+			nulls[i] = b->key[i] == NULL;
+			d[i] = PointerGetDatum(b->key[i]);
+		}
+		values[5] = MakeArray(d, nulls, n, TEXTOID);
+		for (i = 0; i < n; i++)
+		{
+			nulls[i] = b->reason[i] == NULL;
+			d[i] = PointerGetDatum(b->reason[i]);
+		}
+		values[6] = MakeArray(d, nulls, n, TEXTOID);
+		for (i = 0; i < n; i++)
+		{
+			nulls[i] = b->metadata[i] == (Datum) 0;
+			d[i] = b->metadata[i];
+		}
+		values[7] = MakeArray(d, nulls, n, JSONBOID);
+		for (i = 0; i < n; i++)
+		{
+			nulls[i] = b->lot_expires[i] == 0;
+			d[i] = TimestampTzGetDatum(b->lot_expires[i]);
+		}
+		values[8] = MakeArray(d, nulls, n, TIMESTAMPTZOID);
+		values[9] = Int64Array(tx_ids, n);
+		values[11] = MakeArray(payloads, NULL, n, JSONBOID);
+		values[12] = MakeArray(event_types, NULL, n, TEXTOID);
+		PointsPlanSet(&plan_batch,
+				   "WITH n AS ("
+				   "  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13)"
+				   "    WITH ORDINALITY AS n(user_id, user_seq, kind, amount, balance_after,"
+				   "                         key, reason, metadata, lot_expires, tx_id,"
+				   "                         payload, type, ord)),"
+				   " t AS ("
+				   "  INSERT INTO points.ledger (tx_id, user_id, user_seq, kind, amount,"
+				   "    balance_after, idempotency_key, cancels_tx, reason, metadata, created_at)"
+				   "  SELECT tx_id, user_id, user_seq, kind, amount, balance_after, key, NULL,"
+				   "         reason, metadata, $11 FROM n"
+				   "  RETURNING 1),"
+				   " l AS ("
+				   "  INSERT INTO points.lot (lot_id, user_id, amount, remaining, expires_at)"
+				   "  SELECT tx_id, user_id, amount, amount, lot_expires FROM n"
+				   "  WHERE lot_expires IS NOT NULL),"
+				   " o AS ("
+				   "  INSERT INTO points.outbox (id, aggregateid, type, payload, created_at)"
+				   "  SELECT tx_id, user_id::text, type, payload, $11 FROM n)"
+				   " SELECT count(*) FROM t",
+				   13, types);
+		PointsExecIndexed(plan_batch, values, NULL, false, 1);
+		if (PointsGetInt64(0, 1, NULL) != n)
+			elog(ERROR, "points: batch append wrote %lld of %d transactions",
+				 (long long) PointsGetInt64(0, 1, NULL), n);
+	}
+
+	/* each account's final balance and user_seq; the new ones inserted */
+	PointsPlanSet(&plan_final_accounts,
+			   "WITH a AS ("
 			   "  UPDATE points.account a"
-			   "  SET balance = f.balance, last_seq = f.last_seq, updated_at = $11"
-			   "  FROM unnest($14, $15, $16) f(user_id, balance, last_seq)"
-			   "  WHERE a.user_id = ANY($14) AND a.user_id = f.user_id),"
+			   "  SET balance = f.balance, last_seq = f.last_seq, updated_at = $1"
+			   "  FROM unnest($2, $3, $4) f(user_id, balance, last_seq)"
+			   "  WHERE a.user_id = ANY($2) AND a.user_id = f.user_id"
+			   "  RETURNING 1),"
 			   " c AS ("
 			   "  INSERT INTO points.account (user_id, balance, last_seq, created_at, updated_at)"
-			   "  SELECT user_id, balance, last_seq, $11, $11"
-			   "  FROM unnest($17, $18, $19) f(user_id, balance, last_seq))"
-			   " SELECT count(*) FROM t",
-			   19, types);
-	PointsExecIndexed(plan_batch, values, NULL, false, 1);
-	if (PointsGetInt64(0, 1, NULL) != n)
-		elog(ERROR, "points: batch append wrote %lld of %d transactions",
-			 (long long) PointsGetInt64(0, 1, NULL), n);
+			   "  SELECT user_id, balance, last_seq, $1, $1"
+			   "  FROM unnest($5, $6, $7) f(user_id, balance, last_seq))"
+			   " SELECT count(*) FROM a",
+			   7, account_types);
+	PointsExecIndexed(plan_final_accounts, account_values, NULL, false, 1);
+	written = PointsGetInt64(0, 1, NULL);
+	existing = DatumGetArrayTypeP(account_values[1]);
+	expected = ArrayGetNItems(ARR_NDIM(existing), ARR_DIMS(existing));
+	if (written != expected)
+		elog(ERROR, "points: batch append updated %lld of %lld accounts",
+			 (long long) written, (long long) expected);
 	for (i = 0; i < n; i++)
 		points_call_points += b->amount[i] < 0 ? -b->amount[i] : b->amount[i];
 	PointsNoteEvent();

@@ -20,6 +20,7 @@
 #include "postgres.h"
 
 #include "executor/spi.h"
+#include "nodes/execnodes.h"
 #include "fmgr.h"
 #include "port/atomics.h"
 #include "storage/latch.h"
@@ -232,5 +233,32 @@ extern void PointsBatchAdd(PointsTxBatch *b, int64 user_id, int64 user_seq,
 						   TimestampTz lot_expires);
 extern void PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set,
 							  TimestampTz created_at);
+
+/* bulk.c: many rows into the extension's tables, without the executor */
+#define POINTS_BULK_MAX_TABLES		3
+#define POINTS_BULK_CHUNK			100		/* rows buffered per table */
+
+typedef struct PointsBulkTable
+{
+	Relation	rel;
+	ResultRelInfo *rri;
+	TupleDesc	desc;			/* of its slots */
+	int			n;				/* buffered rows */
+	TupleTableSlot *slots[POINTS_BULK_CHUNK];
+} PointsBulkTable;
+
+typedef struct PointsBulk
+{
+	EState	   *estate;
+	int			ntables;
+	PointsBulkTable tables[POINTS_BULK_MAX_TABLES];
+} PointsBulk;
+
+extern void PointsBulkBegin(PointsBulk *bulk, const Oid *relids, int n);
+extern bool PointsBulkUsable(PointsBulk *bulk);
+extern AttrNumber PointsBulkAttnum(PointsBulk *bulk, int i, const char *name);
+extern TupleTableSlot *PointsBulkSlot(PointsBulk *bulk, int i);
+extern void PointsBulkAdd(PointsBulk *bulk, int i);
+extern void PointsBulkEnd(PointsBulk *bulk);
 
 #endif							/* POINTS_H */
