@@ -84,7 +84,8 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 	/*
 	 * Their due lots, soonest first, each user's read through lot_user_idx
 	 * (the LIMIT in the lateral subquery keeps it a per-user index range
-	 * whatever the statistics say), then emptied by primary key.  The users
+	 * whatever the statistics say; an index scan in its order, not a
+	 * bitmap scan and a sort), then emptied by ctid.  The users
 	 * are locked: no one else changes their lots in between.
 	 */
 	values[0] = set.users;
@@ -102,7 +103,7 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 			   "  ORDER BY l.expires_at, l.lot_id LIMIT $3) d"
 			   " ORDER BY user_id, expires_at, lot_id",
 			   3, lot_types);
-	PointsExec(plan_due_lots, values, NULL, false, 0);
+	PointsExecPerKey(plan_due_lots, values, NULL, false, 0);
 	nlots = (int64) SPI_processed;
 	if (nlots == 0)
 	{

@@ -144,6 +144,8 @@ extern int	PointsExec(SPIPlanPtr plan, Datum *values, const char *nulls,
 					   bool read_only, long count);
 extern int	PointsExecIndexed(SPIPlanPtr plan, Datum *values, const char *nulls,
 							  bool read_only, long count);
+extern int	PointsExecPerKey(SPIPlanPtr plan, Datum *values, const char *nulls,
+							 bool read_only, long count);
 extern int64 PointsGetInt64(int row, int col, bool *isnull);
 extern int64 PointsGetInt64Of(SPITupleTable *tab, uint64 row, int col, bool *isnull);
 extern int64 PointsArgInt64(FunctionCallInfo fcinfo, int argno, const char *name);

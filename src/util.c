@@ -83,6 +83,23 @@ PointsExec(SPIPlanPtr plan, Datum *values, const char *nulls, bool read_only,
 	return rc;
 }
 
+static int
+ExecWithout(SPIPlanPtr plan, Datum *values, const char *nulls,
+			bool read_only, long count, bool bitmap_too)
+{
+	int			nest = NewGUCNestLevel();
+	int			rc;
+
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	if (bitmap_too)
+		(void) set_config_option("enable_bitmapscan", "off", PGC_USERSET,
+								 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	rc = PointsExec(plan, values, nulls, read_only, count);
+	AtEOXact_GUC(true, nest);
+	return rc;
+}
+
 /*
  * PointsExecIndexed
  *		PointsExec with enable_seqscan off for this statement only (as a
@@ -96,14 +113,21 @@ int
 PointsExecIndexed(SPIPlanPtr plan, Datum *values, const char *nulls,
 				  bool read_only, long count)
 {
-	int			nest = NewGUCNestLevel();
-	int			rc;
+	return ExecWithout(plan, values, nulls, read_only, count, false);
+}
 
-	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	rc = PointsExec(plan, values, nulls, read_only, count);
-	AtEOXact_GUC(true, nest);
-	return rc;
+/*
+ * PointsExecPerKey
+ *		PointsExecIndexed with bitmap scans off as well, for a LATERAL
+ *		subquery that reads a few rows of each key in index order: the
+ *		planner prices a bitmap scan plus a sort per key as cheaper, but it
+ *		is half again slower over a thousand keys (expiry: 39 -> 27 ms).
+ */
+int
+PointsExecPerKey(SPIPlanPtr plan, Datum *values, const char *nulls,
+				 bool read_only, long count)
+{
+	return ExecWithout(plan, values, nulls, read_only, count, true);
 }
 
 /*
