@@ -42,7 +42,7 @@ FROM points.history(403) WHERE kind = 'expire' ORDER BY user_seq;
 
 -- the lots of a user due together expire in one transaction, soonest first,
 -- at most 100 lots to a transaction (an event stays small)
-SELECT count(points.earn(406, i, expires_at => clock_timestamp() + interval '300 ms' - i * interval '1 ms'))
+SELECT count(points.earn(406, i, expires_at => now() + interval '300 ms' - i * interval '10 ms'))
 FROM generate_series(1, 3) i;
 SELECT count(points.earn(407, 1, expires_at => clock_timestamp() + interval '300 ms'))
 FROM generate_series(1, 101);
@@ -80,4 +80,20 @@ SELECT remaining FROM points.expiring(405);
 SELECT remaining FROM points.expiring(405, '3 days');
 SELECT remaining FROM points.expiring(405, '100000 years');
 SELECT remaining FROM points.expiring(405, '0');
+SELECT * FROM points.verify();
+
+-- with a trigger on the ledger, expiry writes through SQL so that it runs
+CREATE TABLE ledger_seen (tx_id bigint, kind text, amount bigint);
+CREATE FUNCTION see_tx() RETURNS trigger LANGUAGE plpgsql AS
+$$BEGIN INSERT INTO public.ledger_seen VALUES (NEW.tx_id, NEW.kind, NEW.amount); RETURN NEW; END$$;
+CREATE TRIGGER see_tx AFTER INSERT ON points.ledger FOR EACH ROW EXECUTE FUNCTION see_tx();
+SELECT count(points.earn(408, 4, expires_at => clock_timestamp() + interval '300 ms'))
+FROM generate_series(1, 2);
+SELECT pg_sleep(0.4);
+SELECT points.expire_due();
+SELECT kind, amount FROM ledger_seen s JOIN points.ledger g USING (tx_id, kind, amount)
+WHERE g.user_id = 408 ORDER BY g.user_seq;
+DROP TRIGGER see_tx ON points.ledger;
+DROP TABLE ledger_seen;
+DROP FUNCTION see_tx();
 SELECT * FROM points.verify();

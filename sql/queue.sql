@@ -134,3 +134,15 @@ DROP TRIGGER see_event ON points.outbox;
 DROP TABLE outbox_seen;
 DROP FUNCTION see_event();
 SELECT * FROM points.verify();
+
+-- a column an operator adds with a default gets it from a batch too (as
+-- from an INSERT), and a dropped column is skipped
+ALTER TABLE points.outbox ADD COLUMN test_tag text NOT NULL DEFAULT 'tagged';
+ALTER TABLE points.ledger ADD COLUMN test_gone int;
+ALTER TABLE points.ledger DROP COLUMN test_gone;
+SELECT points.earn_async(790003, 7) \gset
+SELECT points.apply_queued();
+SELECT o.test_tag, o.aggregatetype, o.type, g.amount
+FROM points.outbox o JOIN points.ledger g ON g.tx_id = o.id WHERE g.user_id = 790003;
+ALTER TABLE points.outbox DROP COLUMN test_tag;
+SELECT * FROM points.verify();

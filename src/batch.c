@@ -309,14 +309,14 @@ FinalStates(PointsTxBatch *b, PointsAccountSet *set, Datum *out)
 /*
  * BulkRows
  *		The batch's ledger rows, lots and outbox events, written directly
- *		(bulk.c); tables 0, 1, 2 of bulk are ledger, lot, outbox.
+ *		(bulk.c); tables 0, 1, 2 of bulk are ledger, lot, outbox.  An
+ *		event's aggregatetype is the column's default, as for one call.
  */
 static void
 BulkRows(PointsBulk *bulk, PointsTxBatch *b, Datum *payloads, Datum *types,
 		 TimestampTz created_at)
 {
 	Datum		created = TimestampTzGetDatum(created_at);
-	Datum		aggregatetype = CStringGetTextDatum("points.account");
 	AttrNumber	g_tx = PointsBulkAttnum(bulk, 0, "tx_id") - 1,
 				g_user = PointsBulkAttnum(bulk, 0, "user_id") - 1,
 				g_seq = PointsBulkAttnum(bulk, 0, "user_seq") - 1,
@@ -333,7 +333,6 @@ BulkRows(PointsBulk *bulk, PointsTxBatch *b, Datum *payloads, Datum *types,
 				l_remaining = PointsBulkAttnum(bulk, 1, "remaining") - 1,
 				l_expires = PointsBulkAttnum(bulk, 1, "expires_at") - 1;
 	AttrNumber	o_id = PointsBulkAttnum(bulk, 2, "id") - 1,
-				o_aggtype = PointsBulkAttnum(bulk, 2, "aggregatetype") - 1,
 				o_aggid = PointsBulkAttnum(bulk, 2, "aggregateid") - 1,
 				o_type = PointsBulkAttnum(bulk, 2, "type") - 1,
 				o_payload = PointsBulkAttnum(bulk, 2, "payload") - 1,
@@ -391,7 +390,6 @@ BulkRows(PointsBulk *bulk, PointsTxBatch *b, Datum *payloads, Datum *types,
 		s = PointsBulkSlot(bulk, 2);
 		snprintf(user_text, sizeof(user_text), INT64_FORMAT, b->user_id[i]);
 		SET(o_id, Int64GetDatum(b->tx_id[i]));
-		SET(o_aggtype, aggregatetype);
 		SET(o_aggid, CStringGetTextDatum(user_text));
 		SET(o_type, types[i]);
 		SET(o_payload, payloads[i]);

@@ -9,11 +9,12 @@
  * lots and outbox events a call.  Through SQL they were arrays unnested
  * into a materialized CTE and inserted row by row: a quarter of a batch's
  * time went to tuplestores and executor overhead.  Here a batch's rows are
- * slots filled by the caller.  What SQL would do besides is done too: the
- * table's NOT NULL and CHECK constraints are checked (an error names the
- * row), unique indexes are enforced, statistics are counted.  Triggers and
- * rules are not run: PointsBulkUsable says when a table has any, and the
- * caller then writes through SQL instead.
+ * slots filled by the caller.  What SQL would do besides is done too: a
+ * column the caller leaves out gets its default, the table's NOT NULL and
+ * CHECK constraints are checked (an error names the row), unique indexes
+ * are enforced, statistics are counted.  Triggers, rules and generated
+ * columns are not run: PointsBulkUsable says when a table has any (or is
+ * not a plain table), and the caller then writes through SQL instead.
  *
  *-------------------------------------------------------------------------
  */
@@ -25,6 +26,8 @@
 #include "executor/executor.h"
 #include "nodes/makefuncs.h"
 #include "parser/parse_relation.h"
+#include "rewrite/rewriteHandler.h"
+#include "utils/memutils.h"
 #include "utils/rel.h"
 
 #include "points.h"
@@ -55,6 +58,9 @@ PointsBulkBegin(PointsBulk *bulk, const Oid *relids, int n)
 	/* constraint errors look up the inserted columns in the range table */
 	ExecInitRangeTable(bulk->estate, rtable);
 	bulk->ntables = n;
+	/* what a flush allocates (the heap tuples, toasted copies) */
+	bulk->flush_cxt = AllocSetContextCreate(CurrentMemoryContext, "points bulk flush",
+											ALLOCSET_DEFAULT_SIZES);
 	for (int i = 0; i < n; i++)
 	{
 		PointsBulkTable *t = &bulk->tables[i];
@@ -66,23 +72,56 @@ PointsBulkBegin(PointsBulk *bulk, const Oid *relids, int n)
 		/* a copy that is not reference-counted: slots need not pin it */
 		t->desc = CreateTupleDescCopy(RelationGetDescr(t->rel));
 		t->n = 0;
+		t->ndefaults = 0;
+		/* the relation's own descriptor: a copy has no defaults */
+		for (int a = 0; a < t->desc->natts; a++)
+		{
+			Form_pg_attribute att = TupleDescAttr(RelationGetDescr(t->rel), a);
+			Expr	   *def;
+
+			if (att->attisdropped || att->attgenerated || !att->atthasdef ||
+				t->ndefaults == POINTS_BULK_MAX_DEFAULTS)
+				continue;
+			def = (Expr *) build_column_default(t->rel, a + 1);
+			if (def == NULL)
+				continue;
+			t->default_attno[t->ndefaults] = a;
+			t->defaults[t->ndefaults++] = ExecPrepareExpr(def, bulk->estate);
+		}
 		memset(t->slots, 0, sizeof(t->slots));
 	}
 }
 
 /*
  * PointsBulkUsable
- *		Whether none of the tables has triggers or rules, which a direct
- *		insert would skip.
+ *		Whether every table is a plain table without triggers, rules or
+ *		generated columns (which a direct insert would skip) and with at most
+ *		POINTS_BULK_MAX_DEFAULTS column defaults.
  */
 bool
 PointsBulkUsable(PointsBulk *bulk)
 {
 	for (int i = 0; i < bulk->ntables; i++)
 	{
-		Relation	rel = bulk->tables[i].rel;
+		PointsBulkTable *t = &bulk->tables[i];
+		Relation	rel = t->rel;
+		int			ndefaults = 0;
 
-		if (rel->trigdesc != NULL || rel->rd_rel->relhasrules)
+		if (rel->rd_rel->relkind != RELKIND_RELATION ||
+			rel->trigdesc != NULL || rel->rd_rel->relhasrules)
+			return false;
+		for (int a = 0; a < t->desc->natts; a++)
+		{
+			Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel), a);
+
+			if (att->attisdropped)
+				continue;
+			if (att->attgenerated)
+				return false;
+			if (att->atthasdef)
+				ndefaults++;
+		}
+		if (ndefaults > t->ndefaults)
 			return false;
 	}
 	return true;
@@ -113,8 +152,11 @@ Flush(PointsBulk *bulk, PointsBulkTable *t)
 {
 	EState	   *estate = bulk->estate;
 
+	MemoryContext outer;
+
 	if (t->n == 0)
 		return;
+	outer = MemoryContextSwitchTo(bulk->flush_cxt);
 	if (t->rel->rd_att->constr)
 		for (int i = 0; i < t->n; i++)
 			ExecConstraints(t->rri, t->slots[i], estate);
@@ -129,14 +171,16 @@ Flush(PointsBulk *bulk, PointsBulkTable *t)
 		list_free(recheck);
 		ResetPerTupleExprContext(estate);
 	}
+	MemoryContextSwitchTo(outer);
+	MemoryContextReset(bulk->flush_cxt);
 	t->n = 0;
 }
 
 /*
  * PointsBulkSlot
- *		An empty row (every column NULL) for table i: set tts_values and
- *		tts_isnull of the columns, then PointsBulkAdd.  The values must
- *		stay valid until PointsBulkEnd.
+ *		A new row for table i, every column NULL or its default: set
+ *		tts_values and tts_isnull of the columns, then PointsBulkAdd.  The
+ *		values must stay valid until PointsBulkEnd.
  */
 TupleTableSlot *
 PointsBulkSlot(PointsBulk *bulk, int i)
@@ -151,6 +195,21 @@ PointsBulkSlot(PointsBulk *bulk, int i)
 	slot = t->slots[t->n];
 	ExecClearTuple(slot);
 	memset(slot->tts_isnull, true, sizeof(bool) * slot->tts_tupleDescriptor->natts);
+	if (t->ndefaults > 0)
+	{
+		ExprContext *econtext = GetPerTupleExprContext(bulk->estate);
+		/* in the executor state's own context: they must last until a flush */
+		MemoryContext outer = MemoryContextSwitchTo(bulk->estate->es_query_cxt);
+
+		for (int d = 0; d < t->ndefaults; d++)
+		{
+			int			a = t->default_attno[d];
+
+			slot->tts_values[a] = ExecEvalExpr(t->defaults[d], econtext,
+											   &slot->tts_isnull[a]);
+		}
+		MemoryContextSwitchTo(outer);
+	}
 	return slot;
 }
 

@@ -19,6 +19,7 @@
 #include "postgres.h"
 
 #include "catalog/pg_type.h"
+#include "common/int.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
@@ -153,7 +154,9 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 		{
 			lot_ids[n] = PointsGetInt64Of(due, i, 1, NULL);
 			amounts[n] = PointsGetInt64Of(due, i, 3, NULL);
-			total += amounts[n];	/* <= the balance: cannot overflow */
+			if (pg_add_s64_overflow(total, amounts[n], &total))
+				elog(ERROR, "points: the due lots of user %lld overflow bigint",
+					 (long long) user_id);	/* their sum is the balance's part */
 		}
 		a->balance -= total;
 		a->last_seq++;

@@ -239,12 +239,16 @@ extern void PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set,
 /* bulk.c: many rows into the extension's tables, without the executor */
 #define POINTS_BULK_MAX_TABLES		3
 #define POINTS_BULK_CHUNK			100		/* rows buffered per table */
+#define POINTS_BULK_MAX_DEFAULTS	8		/* column defaults per table */
 
 typedef struct PointsBulkTable
 {
 	Relation	rel;
 	ResultRelInfo *rri;
 	TupleDesc	desc;			/* of its slots */
+	int			ndefaults;		/* columns with a default ... */
+	int			default_attno[POINTS_BULK_MAX_DEFAULTS];	/* ... (0-based) */
+	ExprState  *defaults[POINTS_BULK_MAX_DEFAULTS];	/* ... and their values */
 	int			n;				/* buffered rows */
 	TupleTableSlot *slots[POINTS_BULK_CHUNK];
 } PointsBulkTable;
@@ -252,6 +256,7 @@ typedef struct PointsBulkTable
 typedef struct PointsBulk
 {
 	EState	   *estate;
+	MemoryContext flush_cxt;
 	int			ntables;
 	PointsBulkTable tables[POINTS_BULK_MAX_TABLES];
 } PointsBulk;

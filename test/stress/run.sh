@@ -152,7 +152,7 @@ done < <(psql -X -At -c "
 	  ('history_matches_ledger', 7), ('lot_accounting', 8), ('exact_expiry', 9),
 	  ('global_totals', 10), ('verify_empty', 11), ('rebuild_from_history', 12),
 	  ('acknowledged_calls', 13), ('rollback_leaves_nothing', 14), ('no_leftover_locks', 15),
-	  ('expiry_job_completes', 16), ('replay', 17), ('key_mismatch', 18))
+	  ('expiry_job_completes', 16), ('replay', 17), ('key_mismatch', 18), ('expire_lots_sum', 19))
 	SELECT c.name,
 	       CASE c.name
 	         WHEN 'replay' THEN (SELECT count(*) FROM stress.call_log
@@ -168,7 +168,8 @@ other=$(psql -X -At -c "SELECT count(*) FROM stress.violation WHERE check_name N
 	'no_negative_balance', 'balance_eq_lots_eq_ledger', 'user_seq_gapless', 'key_at_most_once',
 	'outbox_per_tx', 'balance_after_chain', 'history_matches_ledger', 'lot_accounting',
 	'exact_expiry', 'global_totals', 'verify_empty', 'rebuild_from_history', 'acknowledged_calls',
-	'rollback_leaves_nothing', 'no_leftover_locks', 'expiry_job_completes', 'replay', 'key_mismatch')")
+	'rollback_leaves_nothing', 'no_leftover_locks', 'expiry_job_completes', 'replay', 'key_mismatch',
+	'expire_lots_sum')")
 [ "${other:-0}" = 0 ] || verdict other_violations 0 "$other"
 
 if [ "$w_aborts" != 0 ] || [ "$wrc" != 0 ]; then

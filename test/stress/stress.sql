@@ -487,6 +487,19 @@ BEGIN
     VALUES (source, 'history_matches_ledger', nusers, n);
     total := total + n;
 
+    -- an expire transaction takes exactly the points of the lots it lists
+    INSERT INTO stress.violation (source, check_name, user_id, detail)
+    SELECT source, 'expire_lots_sum', t.user_id,
+           format('expire %s: amount %s, its lots %s', t.tx_id, t.amount, t.metadata->'lots')
+      FROM stress.tx t JOIN chk_users c USING (user_id)
+     WHERE t.kind = 'expire'
+       AND -t.amount IS DISTINCT FROM (SELECT sum((x->>'amount')::bigint)
+                                         FROM jsonb_array_elements(t.metadata->'lots') x);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    INSERT INTO stress.check_log (source, check_name, checks, violations)
+    VALUES (source, 'expire_lots_sum', nusers, n);
+    total := total + n;
+
     -- each lot's remaining = amount - used + restored - earn-cancelled - expired;
     -- each use took exactly its amount; cancels never exceed what they cancel
     -- (set-based: the aggregates are grouped once, then joined)

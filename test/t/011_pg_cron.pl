@@ -105,10 +105,11 @@ note sprintf('expired by pg_cron after %.1fs', time - $t_start);
 like( sql(q{SELECT string_agg(status || ': ' || return_message, ',') FROM cron.job_run_details
 	WHERE jobid = } . $expire_job),
 	qr/^succeeded: 1 row(,succeeded: 1 row)*$/, 'job_run_details: points-expire succeeded');
-is( sql(q{SELECT string_agg(g.user_id || ':' || g.amount || ':' || (g.metadata->'lots'->0->>'lot_id'), ','
+is( sql(q{SELECT string_agg(g.user_id || ':' || g.amount || ':' || (g.metadata->'lots')::text, ','
 	ORDER BY g.user_id) FROM (SELECT * FROM points.ledger UNION ALL
 	SELECT * FROM points.ledger_archive) g WHERE g.kind = 'expire'}),
-	"1:-10:$lots[0],2:-20:$lots[1],3:-30:$lots[2]",
+	qq{1:-10:[{"amount": 10, "lot_id": $lots[0]}],2:-20:[{"amount": 20, "lot_id": $lots[1]}],}
+	  . qq{3:-30:[{"amount": 30, "lot_id": $lots[2]}]},
 	'one expire transaction per user, with its lot and amount');
 is( sql(q{SELECT string_agg(points.balance(u)::text, ',' ORDER BY u) FROM generate_series(1, 4) u}),
 	'0,0,0,500', 'balances');
