@@ -406,8 +406,9 @@ BulkRows(PointsBulk *bulk, PointsTxBatch *b, Datum *payloads, Datum *types,
  *		outbox event, and each account's final balance and user_seq.  On
  *		return b->tx_id[i] is the tx_id of the i-th transaction.
  *
- * The rows go in directly (bulk.c) unless a table has triggers or rules;
- * then one SQL statement writes them, so that those run.
+ * The rows go in directly (bulk.c) unless PointsBulkUsable says a table
+ * needs what only an INSERT does (triggers, rules, generated columns);
+ * then one SQL statement writes them.
  */
 void
 PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set, TimestampTz created_at)
