@@ -337,29 +337,10 @@ BulkRows(PointsBulk *bulk, PointsTxBatch *b, Datum *payloads, Datum *types,
 				o_type = PointsBulkAttnum(bulk, 2, "type") - 1,
 				o_payload = PointsBulkAttnum(bulk, 2, "payload") - 1,
 				o_created = PointsBulkAttnum(bulk, 2, "created_at") - 1;
-	Datum		kinds[8];
-	const char *kind_names[8];
-	int			nkinds = 0;
-
 	for (int i = 0; i < b->n; i++)
 	{
 		TupleTableSlot *s;
-		Datum		kind = (Datum) 0;
 		char		user_text[24];
-
-		/* the kind's text, made once per kind */
-		for (int k = 0; k < nkinds && kind == (Datum) 0; k++)
-			if (kind_names[k] == b->kind[i])
-				kind = kinds[k];
-		if (kind == (Datum) 0)
-		{
-			kind = CStringGetTextDatum(b->kind[i]);
-			if (nkinds < lengthof(kinds))
-			{
-				kind_names[nkinds] = b->kind[i];
-				kinds[nkinds++] = kind;
-			}
-		}
 
 		s = PointsBulkSlot(bulk, 0);
 #define SET(col, v) (s->tts_values[col] = (v), s->tts_isnull[col] = false)
@@ -367,7 +348,7 @@ BulkRows(PointsBulk *bulk, PointsTxBatch *b, Datum *payloads, Datum *types,
 		SET(g_tx, Int64GetDatum(b->tx_id[i]));
 		SET(g_user, Int64GetDatum(b->user_id[i]));
 		SET(g_seq, Int64GetDatum(b->user_seq[i]));
-		SET(g_kind, kind);
+		SET(g_kind, CStringGetTextDatum(b->kind[i]));
 		SET(g_amount, Int64GetDatum(b->amount[i]));
 		SET(g_after, Int64GetDatum(b->balance_after[i]));
 		SETP(g_key, b->key[i]);
@@ -440,8 +421,6 @@ PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set, TimestampTz created_a
 
 	if (n == 0)
 		return;
-	d = palloc(sizeof(Datum) * n);
-	nulls = palloc(sizeof(bool) * n);
 	payloads = palloc(sizeof(Datum) * n);
 	event_types = palloc(sizeof(Datum) * n);
 	tx_ids = b->tx_id = palloc(sizeof(int64) * n);
@@ -475,6 +454,8 @@ PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set, TimestampTz created_a
 	else
 	{
 		PointsBulkEnd(bulk);
+		d = palloc(sizeof(Datum) * n);
+		nulls = palloc(sizeof(bool) * n);
 		values[0] = Int64Array(b->user_id, n);
 		values[1] = Int64Array(b->user_seq, n);
 		for (i = 0; i < n; i++)

@@ -72,15 +72,16 @@ PointsBulkBegin(PointsBulk *bulk, const Oid *relids, int n)
 		/* a copy that is not reference-counted: slots need not pin it */
 		t->desc = CreateTupleDescCopy(RelationGetDescr(t->rel));
 		t->n = 0;
+		/* each column's default (the relation's own descriptor: a copy has none) */
 		t->ndefaults = 0;
-		/* the relation's own descriptor: a copy has no defaults */
+		t->default_attno = palloc(sizeof(int) * t->desc->natts);
+		t->defaults = palloc(sizeof(ExprState *) * t->desc->natts);
 		for (int a = 0; a < t->desc->natts; a++)
 		{
 			Form_pg_attribute att = TupleDescAttr(RelationGetDescr(t->rel), a);
 			Expr	   *def;
 
-			if (att->attisdropped || att->attgenerated || !att->atthasdef ||
-				t->ndefaults == POINTS_BULK_MAX_DEFAULTS)
+			if (att->attisdropped || att->attgenerated || !att->atthasdef)
 				continue;
 			def = (Expr *) build_column_default(t->rel, a + 1);
 			if (def == NULL)
@@ -95,33 +96,19 @@ PointsBulkBegin(PointsBulk *bulk, const Oid *relids, int n)
 /*
  * PointsBulkUsable
  *		Whether every table is a plain table without triggers, rules or
- *		generated columns (which a direct insert would skip) and with at most
- *		POINTS_BULK_MAX_DEFAULTS column defaults.
+ *		generated columns, which a direct insert would skip.
  */
 bool
 PointsBulkUsable(PointsBulk *bulk)
 {
 	for (int i = 0; i < bulk->ntables; i++)
 	{
-		PointsBulkTable *t = &bulk->tables[i];
-		Relation	rel = t->rel;
-		int			ndefaults = 0;
+		Relation	rel = bulk->tables[i].rel;
+		TupleConstr *constr = RelationGetDescr(rel)->constr;
 
 		if (rel->rd_rel->relkind != RELKIND_RELATION ||
-			rel->trigdesc != NULL || rel->rd_rel->relhasrules)
-			return false;
-		for (int a = 0; a < t->desc->natts; a++)
-		{
-			Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel), a);
-
-			if (att->attisdropped)
-				continue;
-			if (att->attgenerated)
-				return false;
-			if (att->atthasdef)
-				ndefaults++;
-		}
-		if (ndefaults > t->ndefaults)
+			rel->trigdesc != NULL || rel->rd_rel->relhasrules ||
+			(constr != NULL && constr->has_generated_stored))
 			return false;
 	}
 	return true;
@@ -151,7 +138,6 @@ static void
 Flush(PointsBulk *bulk, PointsBulkTable *t)
 {
 	EState	   *estate = bulk->estate;
-
 	MemoryContext outer;
 
 	if (t->n == 0)
@@ -180,7 +166,7 @@ Flush(PointsBulk *bulk, PointsBulkTable *t)
  * PointsBulkSlot
  *		A new row for table i, every column NULL or its default: set
  *		tts_values and tts_isnull of the columns, then PointsBulkAdd.  The
- *		values must stay valid until PointsBulkEnd.
+ *		caller's values must stay valid until PointsBulkEnd.
  */
 TupleTableSlot *
 PointsBulkSlot(PointsBulk *bulk, int i)
@@ -198,8 +184,8 @@ PointsBulkSlot(PointsBulk *bulk, int i)
 	if (t->ndefaults > 0)
 	{
 		ExprContext *econtext = GetPerTupleExprContext(bulk->estate);
-		/* in the executor state's own context: they must last until a flush */
-		MemoryContext outer = MemoryContextSwitchTo(bulk->estate->es_query_cxt);
+		/* in the flush's context: they last until the flush that writes them */
+		MemoryContext outer = MemoryContextSwitchTo(bulk->flush_cxt);
 
 		for (int d = 0; d < t->ndefaults; d++)
 		{

@@ -239,7 +239,6 @@ extern void PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set,
 /* bulk.c: many rows into the extension's tables, without the executor */
 #define POINTS_BULK_MAX_TABLES		3
 #define POINTS_BULK_CHUNK			100		/* rows buffered per table */
-#define POINTS_BULK_MAX_DEFAULTS	8		/* column defaults per table */
 
 typedef struct PointsBulkTable
 {
@@ -247,8 +246,8 @@ typedef struct PointsBulkTable
 	ResultRelInfo *rri;
 	TupleDesc	desc;			/* of its slots */
 	int			ndefaults;		/* columns with a default ... */
-	int			default_attno[POINTS_BULK_MAX_DEFAULTS];	/* ... (0-based) */
-	ExprState  *defaults[POINTS_BULK_MAX_DEFAULTS];	/* ... and their values */
+	int		   *default_attno;	/* ... (0-based) */
+	ExprState **defaults;		/* ... and their values */
 	int			n;				/* buffered rows */
 	TupleTableSlot *slots[POINTS_BULK_CHUNK];
 } PointsBulkTable;
