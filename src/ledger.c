@@ -87,22 +87,22 @@ PointsLockAccount(int64 user_id, bool create, PointsAccount *acct)
 	 * instead of a stale balance.
 	 */
 	if (IsolationUsesXactSnapshot())
-		plan = PointsPlan(&plan_lock_account,
-						  "SELECT a.balance, a.last_seq FROM points.account a"
-						  " WHERE a.user_id = $1 FOR UPDATE", 1, types);
+		plan = PointsPlanKey(&plan_lock_account,
+							 "SELECT a.balance, a.last_seq FROM points.account a"
+							 " WHERE a.user_id = $1 FOR UPDATE", 1, types);
 	else
-		plan = PointsPlan(&plan_read_account,
-						  "SELECT a.balance, a.last_seq FROM points.account a"
-						  " WHERE a.user_id = $1", 1, types);
+		plan = PointsPlanKey(&plan_read_account,
+							 "SELECT a.balance, a.last_seq FROM points.account a"
+							 " WHERE a.user_id = $1", 1, types);
 	PointsExec(plan, values, NULL, false, 1);
 	if (SPI_processed == 0 && create)
 	{
 		/* ON CONFLICT: under REPEATABLE READ a row we cannot see is 40001 */
-		PointsPlan(&plan_new_account,
-				   "INSERT INTO points.account"
-				   " (user_id, balance, last_seq, created_at, updated_at)"
-				   " VALUES ($1, 0, 0, $2, $2) ON CONFLICT (user_id) DO NOTHING",
-				   2, types);
+		PointsPlanKey(&plan_new_account,
+					  "INSERT INTO points.account"
+					  " (user_id, balance, last_seq, created_at, updated_at)"
+					  " VALUES ($1, 0, 0, $2, $2) ON CONFLICT (user_id) DO NOTHING",
+					  2, types);
 		PointsExec(plan_new_account, values, NULL, false, 0);
 		PointsExec(plan, values, NULL, false, 1);
 	}
@@ -190,23 +190,23 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 									metadata_null ? (Datum) 0 : metadata);
 	values[14] = CStringGetTextDatum(PointsEventType(kind));
 
-	PointsPlan(&plan_append,
-			   "WITH t AS ("
-			   "  INSERT INTO points.ledger (" TX_COLS ")"
-			   "  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-			   "  RETURNING " TX_COLS "),"
-			   " l AS ("
-			   "  INSERT INTO points.lot (lot_id, user_id, amount, remaining, expires_at)"
-			   "  SELECT t.tx_id, t.user_id, t.amount, t.amount, $12 FROM t WHERE $13),"
-			   " o AS ("
-			   "  INSERT INTO points.outbox (id, aggregateid, type, payload, created_at)"
-			   "  SELECT t.tx_id, t.user_id::text, $15, $14, t.created_at"
-			   "  FROM t),"
-			   " a AS ("
-			   "  UPDATE points.account SET balance = $6, last_seq = $3, updated_at = $11"
-			   "  WHERE user_id = $2)"
-			   " SELECT " TX_COLS ", false FROM t",
-			   15, types);
+	PointsPlanKey(&plan_append,
+				  "WITH t AS ("
+				  "  INSERT INTO points.ledger (" TX_COLS ")"
+				  "  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+				  "  RETURNING " TX_COLS "),"
+				  " l AS ("
+				  "  INSERT INTO points.lot (lot_id, user_id, amount, remaining, expires_at)"
+				  "  SELECT t.tx_id, t.user_id, t.amount, t.amount, $12 FROM t WHERE $13),"
+				  " o AS ("
+				  "  INSERT INTO points.outbox (id, aggregateid, type, payload, created_at)"
+				  "  SELECT t.tx_id, t.user_id::text, $15, $14, t.created_at"
+				  "  FROM t),"
+				  " a AS ("
+				  "  UPDATE points.account SET balance = $6, last_seq = $3, updated_at = $11"
+				  "  WHERE user_id = $2)"
+				  " SELECT " TX_COLS ", false FROM t",
+				  15, types);
 	PointsExec(plan_append, values, nulls, false, 0);
 	if (SPI_processed != 1)
 		elog(ERROR, "points: ledger append wrote %llu rows",
@@ -262,13 +262,13 @@ LookupKey(FunctionCallInfo fcinfo, MemoryContext outer, int64 user_id,
 
 	values[0] = Int64GetDatum(user_id);
 	values[1] = PointerGetDatum(key);
-	PointsPlan(&plan_key,
-			   "SELECT " TX_COLS ", true FROM points.ledger"
-			   " WHERE user_id = $1 AND idempotency_key = $2"
-			   " UNION ALL "
-			   "SELECT " TX_COLS ", true FROM points.ledger_archive"
-			   " WHERE user_id = $1 AND idempotency_key = $2",
-			   2, types);
+	PointsPlanKey(&plan_key,
+				  "SELECT " TX_COLS ", true FROM points.ledger"
+				  " WHERE user_id = $1 AND idempotency_key = $2"
+				  " UNION ALL "
+				  "SELECT " TX_COLS ", true FROM points.ledger_archive"
+				  " WHERE user_id = $1 AND idempotency_key = $2",
+				  2, types);
 	PointsExec(plan_key, values, NULL, false, 1);
 	if (SPI_processed == 0)
 		return false;
@@ -451,10 +451,10 @@ Spendable(PointsAccount *acct, int64 user_id, TimestampTz now)
 
 	values[0] = Int64GetDatum(user_id);
 	values[1] = TimestampTzGetDatum(now);
-	PointsPlan(&plan_spendable,
-			   "SELECT coalesce(sum(remaining), 0)::int8 FROM points.lot"
-			   " WHERE user_id = $1 AND remaining > 0 AND expires_at <= $2",
-			   2, types);
+	PointsPlanKey(&plan_spendable,
+				  "SELECT coalesce(sum(remaining), 0)::int8 FROM points.lot"
+				  " WHERE user_id = $1 AND remaining > 0 AND expires_at <= $2",
+				  2, types);
 	PointsExec(plan_spendable, values, NULL, false, 1);
 	return acct->balance - PointsGetInt64(0, 1, NULL);
 }
@@ -481,11 +481,11 @@ TakeFromLots(int64 user_id, int64 amount, TimestampTz now, int64 tx_id)
 
 	values[0] = Int64GetDatum(user_id);
 	values[1] = TimestampTzGetDatum(now);
-	PointsPlan(&plan_lots_in_order,
-			   "SELECT lot_id, remaining FROM points.lot"
-			   " WHERE user_id = $1 AND remaining > 0 AND expires_at > $2"
-			   " ORDER BY expires_at, lot_id",
-			   2, lot_types);
+	PointsPlanKey(&plan_lots_in_order,
+				  "SELECT lot_id, remaining FROM points.lot"
+				  " WHERE user_id = $1 AND remaining > 0 AND expires_at > $2"
+				  " ORDER BY expires_at, lot_id",
+				  2, lot_types);
 	portal = SPI_cursor_open(NULL, plan_lots_in_order, values, NULL, false);
 	while (left > 0)
 	{
@@ -516,14 +516,14 @@ TakeFromLots(int64 user_id, int64 amount, TimestampTz now, int64 tx_id)
 	values[0] = PointerGetDatum(construct_array(lots, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 	values[1] = PointerGetDatum(construct_array(parts, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 	values[2] = Int64GetDatum(tx_id);
-	PointsPlan(&plan_consume,
-			   "WITH p AS (SELECT * FROM unnest($1, $2) AS p(lot_id, part)),"
-			   " u AS ("
-			   "  UPDATE points.lot l SET remaining = l.remaining - p.part"
-			   "  FROM p WHERE l.lot_id = p.lot_id)"
-			   " INSERT INTO points.use_lot (use_tx, lot_id, taken)"
-			   " SELECT $3, lot_id, part FROM p",
-			   3, take_types);
+	PointsPlanKey(&plan_consume,
+				  "WITH p AS (SELECT * FROM unnest($1, $2) AS p(lot_id, part)),"
+				  " u AS ("
+				  "  UPDATE points.lot l SET remaining = l.remaining - p.part"
+				  "  FROM p WHERE l.lot_id = p.lot_id)"
+				  " INSERT INTO points.use_lot (use_tx, lot_id, taken)"
+				  " SELECT $3, lot_id, part FROM p",
+				  3, take_types);
 	PointsExec(plan_consume, values, NULL, false, 0);
 }
 
@@ -610,10 +610,10 @@ CancelEarn(int64 user_id, int64 tx_id, int64 part, TimestampTz now)
 	values[0] = Int64GetDatum(tx_id);
 	values[1] = TimestampTzGetDatum(now);
 	values[2] = Int64GetDatum(part);
-	PointsPlan(&plan_lot,
-			   "SELECT CASE WHEN expires_at > $2 THEN remaining ELSE 0 END"
-			   " FROM points.lot WHERE lot_id = $1",
-			   2, types);
+	PointsPlanKey(&plan_lot,
+				  "SELECT CASE WHEN expires_at > $2 THEN remaining ELSE 0 END"
+				  " FROM points.lot WHERE lot_id = $1",
+				  2, types);
 	PointsExec(plan_lot, values, NULL, false, 1);
 	held = SPI_processed ? PointsGetInt64(0, 1, NULL) : 0;
 	if (held < part)
@@ -623,9 +623,9 @@ CancelEarn(int64 user_id, int64 tx_id, int64 part, TimestampTz now)
 						(long long) user_id, (long long) held, (long long) tx_id,
 						(long long) part),
 				 errdetail("The other points of that earn were used or have expired.")));
-	PointsPlan(&plan_lot_take,
-			   "UPDATE points.lot SET remaining = remaining - $3 WHERE lot_id = $1",
-			   3, types);
+	PointsPlanKey(&plan_lot_take,
+				  "UPDATE points.lot SET remaining = remaining - $3 WHERE lot_id = $1",
+				  3, types);
 	PointsExec(plan_lot_take, values, NULL, false, 0);
 }
 
@@ -643,22 +643,22 @@ CancelUse(int64 user_id, int64 tx_id, int64 part)
 
 	values[0] = Int64GetDatum(tx_id);
 	values[1] = Int64GetDatum(part);
-	PointsPlan(&plan_restore,
-			   "WITH c AS ("
-			   "  SELECT u.lot_id, u.taken - u.restored AS open,"
-			   "         sum(u.taken - u.restored)"
-			   "           OVER (ORDER BY l.expires_at DESC, u.lot_id DESC) AS upto"
-			   "  FROM points.use_lot u JOIN points.lot l ON l.lot_id = u.lot_id"
-			   "  WHERE u.use_tx = $1 AND u.taken > u.restored),"
-			   " p AS ("
-			   "  SELECT lot_id, least(open, $2 - (upto - open))::int8 AS part"
-			   "  FROM c WHERE upto - open < $2),"
-			   " r AS ("
-			   "  UPDATE points.use_lot u SET restored = u.restored + p.part"
-			   "  FROM p WHERE u.use_tx = $1 AND u.lot_id = p.lot_id)"
-			   " UPDATE points.lot l SET remaining = l.remaining + p.part"
-			   " FROM p WHERE l.lot_id = p.lot_id RETURNING p.part",
-			   2, types);
+	PointsPlanKey(&plan_restore,
+				  "WITH c AS ("
+				  "  SELECT u.lot_id, u.taken - u.restored AS open,"
+				  "         sum(u.taken - u.restored)"
+				  "           OVER (ORDER BY l.expires_at DESC, u.lot_id DESC) AS upto"
+				  "  FROM points.use_lot u JOIN points.lot l ON l.lot_id = u.lot_id"
+				  "  WHERE u.use_tx = $1 AND u.taken > u.restored),"
+				  " p AS ("
+				  "  SELECT lot_id, least(open, $2 - (upto - open))::int8 AS part"
+				  "  FROM c WHERE upto - open < $2),"
+				  " r AS ("
+				  "  UPDATE points.use_lot u SET restored = u.restored + p.part"
+				  "  FROM p WHERE u.use_tx = $1 AND u.lot_id = p.lot_id)"
+				  " UPDATE points.lot l SET remaining = l.remaining + p.part"
+				  " FROM p WHERE l.lot_id = p.lot_id RETURNING p.part",
+				  2, types);
 	PointsExec(plan_restore, values, NULL, false, 0);
 	given = SumOfColumn1();
 	if (given != part)
@@ -698,11 +698,11 @@ CancelImpl(PG_FUNCTION_ARGS)
 
 	SPI_connect();
 	values[0] = Int64GetDatum(tx_id);
-	PointsPlan(&plan_fetch,
-			   "SELECT " TX_COLS " FROM points.ledger WHERE tx_id = $1"
-			   " UNION ALL "
-			   "SELECT " TX_COLS " FROM points.ledger_archive WHERE tx_id = $1",
-			   1, types);
+	PointsPlanKey(&plan_fetch,
+				  "SELECT " TX_COLS " FROM points.ledger WHERE tx_id = $1"
+				  " UNION ALL "
+				  "SELECT " TX_COLS " FROM points.ledger_archive WHERE tx_id = $1",
+				  1, types);
 	PointsExec(plan_fetch, values, NULL, false, 1);
 	if (SPI_processed == 0)
 		ereport(ERROR,
@@ -736,12 +736,12 @@ CancelImpl(PG_FUNCTION_ARGS)
 	if (!acct.exists)
 		elog(ERROR, "points: account of user %lld is missing", (long long) user_id);
 
-	PointsPlan(&plan_cancelled,
-			   "SELECT coalesce(sum(-amount), 0)::int8 FROM ("
-			   " SELECT amount FROM points.ledger WHERE cancels_tx = $1"
-			   " UNION ALL"
-			   " SELECT amount FROM points.ledger_archive WHERE cancels_tx = $1) c",
-			   1, types);
+	PointsPlanKey(&plan_cancelled,
+				  "SELECT coalesce(sum(-amount), 0)::int8 FROM ("
+				  " SELECT amount FROM points.ledger WHERE cancels_tx = $1"
+				  " UNION ALL"
+				  " SELECT amount FROM points.ledger_archive WHERE cancels_tx = $1) c",
+				  1, types);
 	PointsExec(plan_cancelled, values, NULL, false, 1);
 	cancelled = PointsGetInt64(0, 1, NULL);
 	if (!is_earn)

@@ -140,6 +140,8 @@ extern SPIPlanPtr PointsPlan(SPIPlanPtr *slot, const char *sql,
 							 int nargs, const Oid *argtypes);
 extern SPIPlanPtr PointsPlanSet(SPIPlanPtr *slot, const char *sql, int nargs,
 								const Oid *argtypes);
+extern SPIPlanPtr PointsPlanKey(SPIPlanPtr *slot, const char *sql, int nargs,
+							   const Oid *argtypes);
 extern int	PointsExec(SPIPlanPtr plan, Datum *values, const char *nulls,
 					   bool read_only, long count);
 extern int	PointsExecIndexed(SPIPlanPtr plan, Datum *values, const char *nulls,

@@ -99,13 +99,13 @@ EarnAsyncImpl(PG_FUNCTION_ARGS)
 	values[7] = TimestampTzGetDatum(now);
 
 	SPI_connect();
-	PointsPlan(&plan_enqueue,
-			   "INSERT INTO points.request (request_id, user_id, amount,"
-			   "  idempotency_key, expires_at, reason, metadata, queued_at)"
-			   " VALUES (($1 << 40) + nextval('points.request_seq'::regclass),"
-			   "         $2, $3, $4, $5, $6, $7, $8)"
-			   " RETURNING request_id",
-			   8, types);
+	PointsPlanKey(&plan_enqueue,
+				  "INSERT INTO points.request (request_id, user_id, amount,"
+				  "  idempotency_key, expires_at, reason, metadata, queued_at)"
+				  " VALUES (($1 << 40) + nextval('points.request_seq'::regclass),"
+				  "         $2, $3, $4, $5, $6, $7, $8)"
+				  " RETURNING request_id",
+				  8, types);
 	PointsExec(plan_enqueue, values, nulls, false, 1);
 	request_id = PointsGetInt64(0, 1, NULL);
 	SPI_finish();
@@ -136,10 +136,10 @@ points_request(PG_FUNCTION_ARGS)
 
 	values[0] = Int64GetDatum(PointsArgInt64(fcinfo, 0, "request_id"));
 	SPI_connect();
-	PointsPlan(&plan_request,
-			   "SELECT request_id, user_id, state, tx_id, error, queued_at, applied_at"
-			   " FROM points.request WHERE request_id = $1",
-			   1, types);
+	PointsPlanKey(&plan_request,
+				  "SELECT request_id, user_id, state, tx_id, error, queued_at, applied_at"
+				  " FROM points.request WHERE request_id = $1",
+				  1, types);
 	PointsExec(plan_request, values, NULL, true, 0);
 	PointsReturnRows(fcinfo);
 	SPI_finish();

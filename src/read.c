@@ -41,12 +41,12 @@ points_balance(PG_FUNCTION_ARGS)
 	values[0] = Int64GetDatum(user_id);
 	values[1] = TimestampTzGetDatum(GetCurrentTimestamp());
 	SPI_connect();
-	PointsPlan(&plan_balance,
-			   "SELECT a.balance - coalesce((SELECT sum(l.remaining)"
-			   "   FROM points.lot l WHERE l.user_id = $1 AND l.remaining > 0"
-			   "   AND l.expires_at <= $2), 0)::int8"
-			   " FROM points.account a WHERE a.user_id = $1",
-			   2, types);
+	PointsPlanKey(&plan_balance,
+				  "SELECT a.balance - coalesce((SELECT sum(l.remaining)"
+				  "   FROM points.lot l WHERE l.user_id = $1 AND l.remaining > 0"
+				  "   AND l.expires_at <= $2), 0)::int8"
+				  " FROM points.account a WHERE a.user_id = $1",
+				  2, types);
 	PointsExec(plan_balance, values, NULL, true, 1);
 	balance = SPI_processed ? PointsGetInt64(0, 1, NULL) : 0;
 	SPI_finish();
@@ -72,19 +72,19 @@ points_history(PG_FUNCTION_ARGS)
 	values[1] = Int64GetDatum(before);
 	values[2] = Int32GetDatum(max_rows);
 	SPI_connect();
-	PointsPlan(&plan_history,
-			   "SELECT * FROM ("
-			   " (SELECT tx_id, user_id, user_seq, kind, amount, balance_after,"
-			   "         idempotency_key, cancels_tx, reason, metadata, created_at, false"
-			   "  FROM points.ledger WHERE user_id = $1 AND user_seq < $2"
-			   "  ORDER BY user_seq DESC LIMIT $3)"
-			   " UNION ALL"
-			   " (SELECT tx_id, user_id, user_seq, kind, amount, balance_after,"
-			   "         idempotency_key, cancels_tx, reason, metadata, created_at, false"
-			   "  FROM points.ledger_archive WHERE user_id = $1 AND user_seq < $2"
-			   "  ORDER BY user_seq DESC LIMIT $3)) h"
-			   " ORDER BY user_seq DESC LIMIT $3",
-			   3, types);
+	PointsPlanKey(&plan_history,
+				  "SELECT * FROM ("
+				  " (SELECT tx_id, user_id, user_seq, kind, amount, balance_after,"
+				  "         idempotency_key, cancels_tx, reason, metadata, created_at, false"
+				  "  FROM points.ledger WHERE user_id = $1 AND user_seq < $2"
+				  "  ORDER BY user_seq DESC LIMIT $3)"
+				  " UNION ALL"
+				  " (SELECT tx_id, user_id, user_seq, kind, amount, balance_after,"
+				  "         idempotency_key, cancels_tx, reason, metadata, created_at, false"
+				  "  FROM points.ledger_archive WHERE user_id = $1 AND user_seq < $2"
+				  "  ORDER BY user_seq DESC LIMIT $3)) h"
+				  " ORDER BY user_seq DESC LIMIT $3",
+				  3, types);
 	PointsExec(plan_history, values, NULL, true, 0);
 	PointsReturnRows(fcinfo);
 	SPI_finish();
@@ -117,12 +117,12 @@ points_expiring(PG_FUNCTION_ARGS)
 	values[1] = TimestampTzGetDatum(now);
 	values[2] = TimestampTzGetDatum(until);
 	SPI_connect();
-	PointsPlan(&plan_expiring,
-			   "SELECT lot_id, remaining, expires_at FROM points.lot"
-			   " WHERE user_id = $1 AND remaining > 0 AND expires_at > $2"
-			   " AND expires_at <= $3 AND expires_at < 'infinity'"
-			   " ORDER BY expires_at, lot_id",
-			   3, types);
+	PointsPlanKey(&plan_expiring,
+				  "SELECT lot_id, remaining, expires_at FROM points.lot"
+				  " WHERE user_id = $1 AND remaining > 0 AND expires_at > $2"
+				  " AND expires_at <= $3 AND expires_at < 'infinity'"
+				  " ORDER BY expires_at, lot_id",
+				  3, types);
 	PointsExec(plan_expiring, values, NULL, true, 0);
 	PointsReturnRows(fcinfo);
 	SPI_finish();

@@ -54,6 +54,24 @@ PointsPlan(SPIPlanPtr *slot, const char *sql, int nargs, const Oid *argtypes)
 }
 
 /*
+ * PointsPlanKey
+ *		PointsPlan for a statement of the per-call path (earn, use, cancel,
+ *		the reads): it is planned once, for any parameters (a generic plan).
+ *
+ * Its parameters are one user's keys, for which one plan is right for all
+ * values (an index scan on the key).  Left to choose, the plan cache
+ * compared the generic plan's cost with custom plans' and, as those differ
+ * with the values (a lot's expires_at against now, an earn's lot insert
+ * that a use's custom plan leaves out), went on planning the statement
+ * anew on every call: a quarter of the instructions of a use.
+ */
+SPIPlanPtr
+PointsPlanKey(SPIPlanPtr *slot, const char *sql, int nargs, const Oid *argtypes)
+{
+	return KeepPlan(slot, sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
+}
+
+/*
  * PointsPlanSet
  *		PointsPlan for a set-based statement whose parameters are arrays of
  *		the batch: it is planned anew for each call (a custom plan), with the
