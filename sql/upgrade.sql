@@ -59,6 +59,15 @@ SELECT state, count(*) FROM points.request GROUP BY state ORDER BY state;
 ALTER EXTENSION points UPDATE;
 SELECT extversion FROM pg_extension WHERE extname = 'points';
 SELECT p.proname FROM pg_proc p WHERE p.pronamespace = 'points'::regnamespace ORDER BY 1;
+-- 0.3 keeps the CHECK constraints that guard the money, and they still refuse
+SELECT conrelid::regclass AS "table", pg_get_constraintdef(oid) AS "check"
+FROM pg_constraint WHERE connamespace = 'points'::regnamespace AND contype = 'c'
+  AND conrelid IN ('points.account'::regclass, 'points.lot'::regclass, 'points.use_lot'::regclass,
+                   'points.ledger'::regclass)
+ORDER BY 1, 2;
+SELECT pg_temp.try('UPDATE points.account SET balance = -1 WHERE user_id = 1701');
+SELECT pg_temp.try('UPDATE points.lot SET remaining = amount + 1 WHERE user_id = 1701');
+SELECT pg_temp.try('UPDATE points.use_lot SET restored = taken + 1');
 
 -- nothing written before has changed
 SELECT count(*) AS balances_changed FROM b_balance b WHERE points.balance(b.user_id) <> b.balance;
@@ -162,7 +171,10 @@ CREATE TEMP TABLE upgraded AS
          || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END, ', ' ORDER BY a.attnum), '')
          || ' ' || coalesce(c.relacl::text, '')
   FROM pg_class c LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-  WHERE c.relnamespace = 'points'::regnamespace GROUP BY c.relkind, c.relname, c.relacl::text;
+  WHERE c.relnamespace = 'points'::regnamespace GROUP BY c.relkind, c.relname, c.relacl::text
+  UNION ALL
+  SELECT 'constraint', conrelid::regclass::text || ' ' || conname, pg_get_constraintdef(oid)
+  FROM pg_constraint WHERE connamespace = 'points'::regnamespace;
 DROP EXTENSION points;
 CREATE EXTENSION points;
 SELECT extversion FROM pg_extension WHERE extname = 'points';
@@ -177,7 +189,10 @@ CREATE TEMP TABLE fresh AS
          || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END, ', ' ORDER BY a.attnum), '')
          || ' ' || coalesce(c.relacl::text, '')
   FROM pg_class c LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-  WHERE c.relnamespace = 'points'::regnamespace GROUP BY c.relkind, c.relname, c.relacl::text;
+  WHERE c.relnamespace = 'points'::regnamespace GROUP BY c.relkind, c.relname, c.relacl::text
+  UNION ALL
+  SELECT 'constraint', conrelid::regclass::text || ' ' || conname, pg_get_constraintdef(oid)
+  FROM pg_constraint WHERE connamespace = 'points'::regnamespace;
 SELECT count(*) > 50 AS compared FROM fresh;
 (TABLE upgraded EXCEPT TABLE fresh) UNION ALL (TABLE fresh EXCEPT TABLE upgraded);
 -- and the fresh one works
