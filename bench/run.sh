@@ -83,6 +83,8 @@ if [[ $PROFILE == 1 ]]; then
     PRELOAD="points,pg_stat_statements"
     PROFILE_OPTS=(-o pg_stat_statements.track=all -o track_io_timing=on)
 fi
+# BENCH_PG_OPTS="name=value ..." adds server settings (for experiments)
+for o in ${BENCH_PG_OPTS:-}; do PROFILE_OPTS+=(-o "$o"); done
 cd /tmp
 pg_virtualenv -t \
     -o fsync=on -o synchronous_commit=on \
