@@ -62,3 +62,80 @@ SET points.node_id = 3;
 SELECT tx_id >> 40 AS node, tx_id & ((1::bigint << 40) - 1) > 0 AS n_ok FROM points.earn(105, 1);
 RESET points.node_id;
 SELECT tx_id >> 40 AS node FROM points.earn(105, 1);
+
+-- a write returns the row it stored, whether it wrote directly or, with a
+-- trigger on ledger, lot or outbox, through SQL so that the trigger fires
+CREATE TABLE write_seen (tbl text, id bigint);
+CREATE FUNCTION see_write() RETURNS trigger LANGUAGE plpgsql AS
+$$BEGIN
+  INSERT INTO public.write_seen VALUES (TG_TABLE_NAME, (to_jsonb(NEW) ->> CASE TG_TABLE_NAME
+    WHEN 'ledger' THEN 'tx_id' WHEN 'lot' THEN 'lot_id' ELSE 'id' END)::bigint);
+  RETURN NEW;
+END$$;
+CREATE FUNCTION pg_temp.writes(u bigint, path text) RETURNS SETOF record LANGUAGE plpgsql AS
+$$DECLARE
+  e points.tx;
+  s points.tx;
+BEGIN
+  e := points.earn(u, 50, 'earn-' || u, expires_at => '2100-01-01', reason => 'welcome',
+                   metadata => '{"order": 7}');
+  RETURN NEXT (path, e);
+  s := points.use(u, 20, 'use-' || u, reason => 'checkout', metadata => '[1, 2]');
+  RETURN NEXT (path, s);
+  RETURN NEXT (path, points.cancel(s.tx_id, 5, 'refund-' || u, reason => 'refund'));
+  RETURN NEXT (path, points.cancel(e.tx_id, 10, 'cut-' || u));
+END$$;
+CREATE TEMP TABLE w AS SELECT * FROM pg_temp.writes(106, 'direct') AS x(path text, r points.tx);
+CREATE TRIGGER see_ledger AFTER INSERT ON points.ledger FOR EACH ROW EXECUTE FUNCTION see_write();
+CREATE TRIGGER see_lot AFTER INSERT ON points.lot FOR EACH ROW EXECUTE FUNCTION see_write();
+CREATE TRIGGER see_outbox AFTER INSERT ON points.outbox FOR EACH ROW EXECUTE FUNCTION see_write();
+INSERT INTO w SELECT * FROM pg_temp.writes(107, 'sql') AS x(path text, r points.tx);
+DROP TRIGGER see_ledger ON points.ledger;
+DROP TRIGGER see_lot ON points.lot;
+DROP TRIGGER see_outbox ON points.outbox;
+-- every returned row is the ledger row as stored, and its event is there
+SELECT path, (r).user_seq, (r).kind, (r).amount, (r).balance_after, (r).replayed,
+       (SELECT count(*) FROM points.ledger g
+        WHERE (g.tx_id, g.user_id, g.user_seq, g.kind, g.amount, g.balance_after,
+               g.idempotency_key, g.cancels_tx, g.reason, g.metadata, g.created_at)
+              IS NOT DISTINCT FROM ((r).tx_id, (r).user_id, (r).user_seq, (r).kind, (r).amount,
+               (r).balance_after, (r).idempotency_key, (r).cancels_tx, (r).reason,
+               (r).metadata, (r).created_at)) AS stored,
+       (SELECT count(*) FROM points.outbox o WHERE o.id = (r).tx_id
+          AND o.payload ->> 'kind' = (r).kind AND (o.payload ->> 'amount')::bigint = (r).amount
+          AND o.payload -> 'metadata' IS NOT DISTINCT FROM coalesce((r).metadata, 'null')
+          AND o.aggregatetype = 'points.account') AS event
+FROM w ORDER BY path, (r).user_seq;
+-- the triggers saw the SQL path's rows: 4 ledger rows, 1 lot, 4 events
+SELECT tbl, count(*) FROM write_seen s
+WHERE s.id IN (SELECT (r).tx_id FROM w WHERE path = 'sql') GROUP BY tbl ORDER BY tbl;
+SELECT count(*) AS seen_of_direct FROM write_seen s
+WHERE s.id IN (SELECT (r).tx_id FROM w WHERE path = 'direct');
+-- and both paths left the same lots and balances
+SELECT l.user_id, l.amount, l.remaining, l.expires_at FROM points.lot l
+WHERE l.user_id IN (106, 107) ORDER BY l.user_id;
+SELECT points.balance(106), points.balance(107);
+SELECT * FROM points.verify(106) UNION ALL SELECT * FROM points.verify(107);
+DROP TABLE write_seen;
+DROP FUNCTION see_write();
+
+-- a constraint or default added, changed or dropped between two writes of
+-- a session applies from the next write on (the direct inserts compile
+-- them once and drop them with the table's cache), also when rolled back
+SELECT user_seq FROM points.earn(108, 10);
+ALTER TABLE points.outbox ALTER COLUMN aggregatetype SET DEFAULT 'test.changed';
+ALTER TABLE points.ledger ADD CONSTRAINT test_small CHECK (amount < 1000) NOT VALID;
+SELECT user_seq FROM points.earn(108, 20);
+SELECT pg_temp.try('SELECT points.earn(108, 5000)');
+SELECT aggregatetype, payload ->> 'amount' AS amount FROM points.outbox
+WHERE aggregateid = '108' ORDER BY id;
+ALTER TABLE points.ledger DROP CONSTRAINT test_small;
+ALTER TABLE points.outbox ALTER COLUMN aggregatetype SET DEFAULT 'points.account';
+SELECT user_seq FROM points.earn(108, 5000);
+BEGIN;
+ALTER TABLE points.ledger ADD CONSTRAINT test_small CHECK (amount < 1000) NOT VALID;
+SELECT pg_temp.try('SELECT points.earn(108, 5000)');
+ROLLBACK;
+SELECT user_seq FROM points.earn(108, 5000);
+SELECT aggregatetype, count(*) FROM points.outbox WHERE aggregateid = '108' GROUP BY 1 ORDER BY 1;
+SELECT * FROM points.verify(108);

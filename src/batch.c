@@ -326,6 +326,7 @@ BulkRows(PointsBulk *bulk, PointsTxBatch *b, Datum *payloads, Datum *types,
 				g_key = PointsBulkAttnum(bulk, 0, "idempotency_key") - 1,
 				g_reason = PointsBulkAttnum(bulk, 0, "reason") - 1,
 				g_meta = PointsBulkAttnum(bulk, 0, "metadata") - 1,
+				g_cancels = PointsBulkAttnum(bulk, 0, "cancels_tx") - 1,
 				g_created = PointsBulkAttnum(bulk, 0, "created_at") - 1;
 	AttrNumber	l_lot = PointsBulkAttnum(bulk, 1, "lot_id") - 1,
 				l_user = PointsBulkAttnum(bulk, 1, "user_id") - 1,
@@ -354,6 +355,8 @@ BulkRows(PointsBulk *bulk, PointsTxBatch *b, Datum *payloads, Datum *types,
 		SETP(g_key, b->key[i]);
 		SETP(g_reason, b->reason[i]);
 		SETP(g_meta, DatumGetPointer(b->metadata[i]));
+		if (b->cancels_tx && b->cancels_tx[i] != 0)
+			SET(g_cancels, Int64GetDatum(b->cancels_tx[i]));
 		SET(g_created, created);
 		PointsBulkAdd(bulk, 0);
 
@@ -379,6 +382,34 @@ BulkRows(PointsBulk *bulk, PointsTxBatch *b, Datum *payloads, Datum *types,
 #undef SET
 #undef SETP
 	}
+}
+
+/*
+ * PointsAppendRows
+ *		Insert the ledger rows, lots (earns) and events of b directly
+ *		(bulk.c), b->tx_id, payloads and types already drawn and built.
+ *		Returns false, having written nothing, when a table needs what only
+ *		an INSERT statement does (triggers, rules, generated columns): the
+ *		caller then writes the rows through SQL.
+ */
+bool
+PointsAppendRows(PointsTxBatch *b, Datum *payloads, Datum *types,
+				 TimestampTz created_at)
+{
+	Oid			relids[3];
+	PointsBulk *bulk = palloc(sizeof(PointsBulk));
+	bool		usable;
+
+	relids[0] = PointsRelid("ledger");
+	relids[1] = PointsRelid("lot");
+	relids[2] = PointsRelid("outbox");
+	PointsBulkBegin(bulk, relids, 3);
+	usable = PointsBulkUsable(bulk);
+	if (usable)
+		BulkRows(bulk, b, payloads, types, created_at);
+	PointsBulkEnd(bulk);
+	pfree(bulk);
+	return usable;
 }
 
 /*
@@ -413,8 +444,6 @@ PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set, TimestampTz created_a
 	int			n = b->n;
 	int			i;
 	Oid			seq;
-	Oid			relids[3];
-	PointsBulk *bulk;
 	int64		written;
 	int64		expected;
 	ArrayType  *existing;
@@ -441,19 +470,8 @@ PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set, TimestampTz created_a
 	account_values[0] = values[10];
 	FinalStates(b, set, &account_values[1]);
 
-	relids[0] = PointsRelid("ledger");
-	relids[1] = PointsRelid("lot");
-	relids[2] = PointsRelid("outbox");
-	bulk = palloc(sizeof(PointsBulk));
-	PointsBulkBegin(bulk, relids, 3);
-	if (PointsBulkUsable(bulk))
+	if (!PointsAppendRows(b, payloads, event_types, created_at))
 	{
-		BulkRows(bulk, b, payloads, event_types, created_at);
-		PointsBulkEnd(bulk);
-	}
-	else
-	{
-		PointsBulkEnd(bulk);
 		d = palloc(sizeof(Datum) * n);
 		nulls = palloc(sizeof(bool) * n);
 		values[0] = Int64Array(b->user_id, n);

@@ -27,10 +27,159 @@
 #include "nodes/makefuncs.h"
 #include "parser/parse_relation.h"
 #include "rewrite/rewriteHandler.h"
+#include "utils/inval.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
 
 #include "points.h"
+
+/*
+ * A table's CHECK constraints and column defaults, compiled once and kept
+ * across calls.  An INSERT reads them back from the catalog and compiles
+ * them for every statement: for an earn, one row a table, that was a third
+ * of the direct insert's instructions.  An entry is dropped when the
+ * table's relcache entry is invalidated (ALTER TABLE, a new or dropped
+ * constraint or default, DROP EXTENSION; also a rolled-back one), which
+ * happens at the latest when PointsBulkBegin opens the table.  An entry
+ * in use (a constraint whose function writes points again) is not shared:
+ * the nested insert compiles its own.
+ */
+typedef struct Compiled
+{
+	Oid			relid;			/* InvalidOid: a free slot */
+	bool		valid;
+	bool		in_use;
+	EState	   *estate;			/* owns what follows */
+	ExprState **checks;			/* as ResultRelInfo.ri_ConstraintExprs */
+	int			ndefaults;
+	int		   *default_attno;
+	ExprState **defaults;
+} Compiled;
+
+#define COMPILED_MAX	8
+
+static Compiled compiled[COMPILED_MAX];
+static bool compiled_callbacks = false;
+
+static void
+CompiledInvalidate(Datum arg, Oid relid)
+{
+	for (int i = 0; i < COMPILED_MAX; i++)
+		if (relid == InvalidOid || compiled[i].relid == relid)
+			compiled[i].valid = false;
+}
+
+/* nothing is in use once a transaction has ended; an error between
+ * PointsBulkBegin and PointsBulkEnd left its entries marked */
+static void
+CompiledRelease(XactEvent event, void *arg)
+{
+	for (int i = 0; i < COMPILED_MAX; i++)
+		compiled[i].in_use = false;
+}
+
+/*
+ * GetCompiled
+ *		The compiled constraints and defaults of open table rel, marked in
+ *		use; NULL when they are in use already (the caller compiles its
+ *		own).
+ */
+static Compiled *
+GetCompiled(Relation rel)
+{
+	Oid			relid = RelationGetRelid(rel);
+	TupleConstr *constr = RelationGetDescr(rel)->constr;
+	int			ncheck = constr ? constr->num_check : 0;
+	Compiled   *c = NULL;
+	MemoryContext outer;
+
+	if (!compiled_callbacks)
+	{
+		CacheRegisterRelcacheCallback(CompiledInvalidate, (Datum) 0);
+		RegisterXactCallback(CompiledRelease, NULL);
+		compiled_callbacks = true;
+	}
+	for (int i = 0; i < COMPILED_MAX && c == NULL; i++)
+		if (compiled[i].relid == relid)
+			c = &compiled[i];
+	for (int i = 0; i < COMPILED_MAX && c == NULL; i++)
+		if (compiled[i].relid == InvalidOid || !compiled[i].valid)
+			c = &compiled[i];
+	if (c == NULL)
+		c = &compiled[relid % COMPILED_MAX];	/* full: take one over */
+	if (c->relid == relid && c->valid)
+	{
+		if (c->in_use)
+			return NULL;
+		c->in_use = true;
+		return c;
+	}
+	if (c->in_use)
+		return NULL;
+
+	/* (re)build it in an executor state of its own, under the cache */
+	if (c->estate)
+		FreeExecutorState(c->estate);
+	c->estate = NULL;
+	c->relid = relid;
+	c->valid = false;
+	outer = MemoryContextSwitchTo(CacheMemoryContext);
+	c->estate = CreateExecutorState();
+	MemoryContextSwitchTo(c->estate->es_query_cxt);
+	/* as ExecRelCheck builds them for a statement */
+	c->checks = palloc0(sizeof(ExprState *) * (ncheck + 1));
+	for (int i = 0; i < ncheck; i++)
+		c->checks[i] = ExecPrepareExpr((Expr *) stringToNode(constr->check[i].ccbin),
+									   c->estate);
+	c->ndefaults = 0;
+	c->default_attno = palloc(sizeof(int) * RelationGetDescr(rel)->natts);
+	c->defaults = palloc(sizeof(ExprState *) * RelationGetDescr(rel)->natts);
+	for (int a = 0; a < RelationGetDescr(rel)->natts; a++)
+	{
+		Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel), a);
+		Expr	   *def;
+
+		if (att->attisdropped || att->attgenerated || !att->atthasdef)
+			continue;
+		def = (Expr *) build_column_default(rel, a + 1);
+		if (def == NULL)
+			continue;
+		c->default_attno[c->ndefaults] = a;
+		c->defaults[c->ndefaults++] = ExecPrepareExpr(def, c->estate);
+	}
+	MemoryContextSwitchTo(outer);
+	c->valid = true;
+	c->in_use = true;
+	return c;
+}
+
+/*
+ * CompileDefaults
+ *		Table t's column defaults, compiled for this bulk only (its cached
+ *		ones are in use).  The relation's own descriptor: a copy has none.
+ */
+static void
+CompileDefaults(PointsBulkTable *t, EState *estate)
+{
+	TupleDesc	desc = RelationGetDescr(t->rel);
+
+	t->ndefaults = 0;
+	t->default_attno = palloc(sizeof(int) * desc->natts);
+	t->defaults = palloc(sizeof(ExprState *) * desc->natts);
+	for (int a = 0; a < desc->natts; a++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+		Expr	   *def;
+
+		if (att->attisdropped || att->attgenerated || !att->atthasdef)
+			continue;
+		def = (Expr *) build_column_default(t->rel, a + 1);
+		if (def == NULL)
+			continue;
+		t->default_attno[t->ndefaults] = a;
+		t->defaults[t->ndefaults++] = ExecPrepareExpr(def, estate);
+	}
+}
 
 /*
  * PointsBulkBegin
@@ -72,23 +221,17 @@ PointsBulkBegin(PointsBulk *bulk, const Oid *relids, int n)
 		/* a copy that is not reference-counted: slots need not pin it */
 		t->desc = CreateTupleDescCopy(RelationGetDescr(t->rel));
 		t->n = 0;
-		/* each column's default (the relation's own descriptor: a copy has none) */
-		t->ndefaults = 0;
-		t->default_attno = palloc(sizeof(int) * t->desc->natts);
-		t->defaults = palloc(sizeof(ExprState *) * t->desc->natts);
-		for (int a = 0; a < t->desc->natts; a++)
+		/* its constraints and each column's default, compiled */
+		t->compiled = GetCompiled(t->rel);
+		if (t->compiled)
 		{
-			Form_pg_attribute att = TupleDescAttr(RelationGetDescr(t->rel), a);
-			Expr	   *def;
-
-			if (att->attisdropped || att->attgenerated || !att->atthasdef)
-				continue;
-			def = (Expr *) build_column_default(t->rel, a + 1);
-			if (def == NULL)
-				continue;
-			t->default_attno[t->ndefaults] = a;
-			t->defaults[t->ndefaults++] = ExecPrepareExpr(def, bulk->estate);
+			t->rri->ri_ConstraintExprs = t->compiled->checks;
+			t->ndefaults = t->compiled->ndefaults;
+			t->default_attno = t->compiled->default_attno;
+			t->defaults = t->compiled->defaults;
 		}
+		else
+			CompileDefaults(t, bulk->estate);
 		memset(t->slots, 0, sizeof(t->slots));
 	}
 }
@@ -228,8 +371,11 @@ PointsBulkEnd(PointsBulk *bulk)
 		for (int j = 0; j < POINTS_BULK_CHUNK && t->slots[j]; j++)
 			ExecDropSingleTupleTableSlot(t->slots[j]);
 		ExecCloseIndices(t->rri);
+		if (t->compiled)
+			t->compiled->in_use = false;
 		table_close(t->rel, NoLock);
 	}
 	FreeExecutorState(bulk->estate);
+	MemoryContextDelete(bulk->flush_cxt);
 	CommandCounterIncrement();
 }

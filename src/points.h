@@ -154,6 +154,8 @@ extern int64 PointsArgInt64(FunctionCallInfo fcinfo, int argno, const char *name
 extern int32 PointsArgPositiveInt32(FunctionCallInfo fcinfo, int argno, const char *name);
 extern text *PointsArgText(FunctionCallInfo fcinfo, int argno, const char *name,
 						   int max_bytes);
+extern Datum PointsValuesToComposite(FunctionCallInfo fcinfo, MemoryContext outer,
+									 Datum *values, bool *nulls, int natts);
 extern Datum PointsRowToComposite(FunctionCallInfo fcinfo, MemoryContext outer,
 								  int row);
 extern void PointsReturnRows(FunctionCallInfo fcinfo);
@@ -189,11 +191,19 @@ extern const char *PointsEventType(const char *kind);
 extern char *PointsKeyConflict(text *key, int64 user_id, int64 tx_id,
 							   const char *kind, int64 amount);
 extern void PointsLockAccount(int64 user_id, bool create, PointsAccount *acct);
+/* a transaction as a points.tx row: TX_COLS, then replayed */
+#define POINTS_TX_NATTS 12
+typedef struct PointsTxRow
+{
+	Datum		values[POINTS_TX_NATTS];
+	bool		nulls[POINTS_TX_NATTS];
+} PointsTxRow;
+
 extern void PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 						   int64 amount, text *key, int64 cancels_tx,
 						   text *reason, Datum metadata, bool metadata_null,
 						   TimestampTz created_at, TimestampTz lot_expires_at,
-						   bool make_lot);
+						   bool make_lot, PointsTxRow *row);
 
 /* batch.c: many transactions in one statement */
 typedef struct PointsTxBatch
@@ -209,6 +219,7 @@ typedef struct PointsTxBatch
 	text	  **reason;
 	Datum	   *metadata;		/* (Datum) 0: NULL */
 	TimestampTz *lot_expires;	/* 0: no lot */
+	int64	   *cancels_tx;		/* NULL: none cancels (the batch jobs) */
 	int64	   *tx_id;			/* set by PointsAppendBatch */
 } PointsTxBatch;
 
@@ -237,6 +248,8 @@ extern void PointsBatchAdd(PointsTxBatch *b, int64 user_id, int64 user_seq,
 						   TimestampTz lot_expires);
 extern void PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set,
 							  TimestampTz created_at);
+extern bool PointsAppendRows(PointsTxBatch *b, Datum *payloads, Datum *types,
+							 TimestampTz created_at);
 
 /* bulk.c: many rows into the extension's tables, without the executor */
 #define POINTS_BULK_MAX_TABLES		3
@@ -250,6 +263,7 @@ typedef struct PointsBulkTable
 	int			ndefaults;		/* columns with a default ... */
 	int		   *default_attno;	/* ... (0-based) */
 	ExprState **defaults;		/* ... and their values */
+	struct Compiled *compiled;	/* where they come from, if cached */
 	int			n;				/* buffered rows */
 	TupleTableSlot *slots[POINTS_BULK_CHUNK];
 } PointsBulkTable;

@@ -289,37 +289,43 @@ PointsTimestampPlusInterval(TimestampTz t, Interval *iv, const char *name, int s
 }
 
 /*
- * PointsRowToComposite
- *		Copy SPI result row "row" into a value of the function's composite
- *		result type, allocated in "outer" (the context the function was
- *		called in, which outlives SPI_finish).  The row's columns must match
- *		the result type's in number and type.
+ * PointsValuesToComposite
+ *		A row of the function's composite result type, made in memory
+ *		context outer from natts values and nulls.
  */
 Datum
-PointsRowToComposite(FunctionCallInfo fcinfo, MemoryContext outer, int row)
+PointsValuesToComposite(FunctionCallInfo fcinfo, MemoryContext outer,
+						Datum *values, bool *nulls, int natts)
 {
-	TupleDesc	spidesc = SPI_tuptable->tupdesc;
 	TupleDesc	resdesc;
-	Datum	   *values;
-	bool	   *nulls;
 	HeapTuple	result;
 	MemoryContext old;
 
 	if (get_call_result_type(fcinfo, NULL, &resdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "points: function must return a composite type");
-	if (resdesc->natts != spidesc->natts)
+	if (resdesc->natts != natts)
 		elog(ERROR, "points: result has %d columns, expected %d",
-			 spidesc->natts, resdesc->natts);
-
-	values = palloc(sizeof(Datum) * spidesc->natts);
-	nulls = palloc(sizeof(bool) * spidesc->natts);
-	heap_deform_tuple(SPI_tuptable->vals[row], spidesc, values, nulls);
-
+			 natts, resdesc->natts);
 	old = MemoryContextSwitchTo(outer);
 	resdesc = BlessTupleDesc(resdesc);
 	result = heap_form_tuple(resdesc, values, nulls);
 	MemoryContextSwitchTo(old);
 	return HeapTupleGetDatum(result);
+}
+
+/*
+ * PointsRowToComposite
+ *		Row row of the last SPI result as the function's composite result.
+ */
+Datum
+PointsRowToComposite(FunctionCallInfo fcinfo, MemoryContext outer, int row)
+{
+	TupleDesc	spidesc = SPI_tuptable->tupdesc;
+	Datum	   *values = palloc(sizeof(Datum) * spidesc->natts);
+	bool	   *nulls = palloc(sizeof(bool) * spidesc->natts);
+
+	heap_deform_tuple(SPI_tuptable->vals[row], spidesc, values, nulls);
+	return PointsValuesToComposite(fcinfo, outer, values, nulls, spidesc->natts);
 }
 
 /*
