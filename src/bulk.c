@@ -30,6 +30,7 @@
 #include "utils/inval.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 
 #include "points.h"
 
@@ -378,4 +379,72 @@ PointsBulkEnd(PointsBulk *bulk)
 	FreeExecutorState(bulk->estate);
 	MemoryContextDelete(bulk->flush_cxt);
 	CommandCounterIncrement();
+}
+
+/*
+ * PointsUpdateRow
+ *		Set the n columns named columns[] of the row at *tid of table relid
+ *		to values[] (none NULL), directly: the table's constraints checked,
+ *		its index entries made unless the update is HOT, statistics counted;
+ *		*tid becomes the new version's.  The row must be its latest version, read by this transaction under
+ *		the lock that every writer of that row holds (a user's account):
+ *		another writer is an error, not a wait.  Returns false, having
+ *		written nothing, when the table has triggers or rules (the caller
+ *		updates through SQL, so that they run).
+ */
+bool
+PointsUpdateRow(Oid relid, ItemPointer tid, int n, const char *const *columns,
+				const Datum *values)
+{
+	PointsBulk *bulk = palloc(sizeof(PointsBulk));
+	PointsBulkTable *t;
+	TupleTableSlot *old;
+	TupleTableSlot *new;
+	TM_FailureData tmfd;
+	LockTupleMode lockmode;
+	bool		update_indexes;
+	TM_Result	result;
+
+	PointsBulkBegin(bulk, &relid, 1);
+	if (!PointsBulkUsable(bulk))
+	{
+		PointsBulkEnd(bulk);
+		pfree(bulk);
+		return false;
+	}
+	t = &bulk->tables[0];
+	old = table_slot_create(t->rel, NULL);
+	if (!table_tuple_fetch_row_version(t->rel, tid, SnapshotAny, old))
+		elog(ERROR, "points: row (%u,%u) of %s is missing",
+			 ItemPointerGetBlockNumber(tid), ItemPointerGetOffsetNumber(tid),
+			 RelationGetRelationName(t->rel));
+	slot_getallattrs(old);
+	new = MakeSingleTupleTableSlot(t->desc, &TTSOpsVirtual);
+	memcpy(new->tts_values, old->tts_values, sizeof(Datum) * t->desc->natts);
+	memcpy(new->tts_isnull, old->tts_isnull, sizeof(bool) * t->desc->natts);
+	for (int i = 0; i < n; i++)
+	{
+		AttrNumber	a = PointsBulkAttnum(bulk, 0, columns[i]) - 1;
+
+		new->tts_values[a] = values[i];
+		new->tts_isnull[a] = false;
+	}
+	ExecStoreVirtualTuple(new);
+	if (t->rel->rd_att->constr)
+		ExecConstraints(t->rri, new, bulk->estate);
+	result = table_tuple_update(t->rel, tid, new, bulk->estate->es_output_cid,
+								GetActiveSnapshot(), InvalidSnapshot, true,
+								&tmfd, &lockmode, &update_indexes);
+	if (result != TM_Ok)
+		elog(ERROR, "points: row (%u,%u) of %s was changed by another transaction",
+			 ItemPointerGetBlockNumber(tid), ItemPointerGetOffsetNumber(tid),
+			 RelationGetRelationName(t->rel));
+	if (update_indexes)
+		list_free(ExecInsertIndexTuples(t->rri, new, bulk->estate, true, false, NULL, NIL));
+	*tid = new->tts_tid;		/* the new version's */
+	ExecDropSingleTupleTableSlot(new);
+	ExecDropSingleTupleTableSlot(old);
+	PointsBulkEnd(bulk);
+	pfree(bulk);
+	return true;
 }

@@ -89,11 +89,11 @@ PointsLockAccount(int64 user_id, bool create, PointsAccount *acct)
 	 */
 	if (IsolationUsesXactSnapshot())
 		plan = PointsPlanKey(&plan_lock_account,
-							 "SELECT a.balance, a.last_seq FROM points.account a"
+							 "SELECT a.balance, a.last_seq, a.ctid FROM points.account a"
 							 " WHERE a.user_id = $1 FOR UPDATE", 1, types);
 	else
 		plan = PointsPlanKey(&plan_read_account,
-							 "SELECT a.balance, a.last_seq FROM points.account a"
+							 "SELECT a.balance, a.last_seq, a.ctid FROM points.account a"
 							 " WHERE a.user_id = $1", 1, types);
 	PointsExec(plan, values, NULL, false, 1);
 	if (SPI_processed == 0 && create)
@@ -110,6 +110,16 @@ PointsLockAccount(int64 user_id, bool create, PointsAccount *acct)
 	acct->exists = SPI_processed > 0;
 	acct->balance = acct->exists ? PointsGetInt64(0, 1, NULL) : 0;
 	acct->last_seq = acct->exists ? PointsGetInt64(0, 2, NULL) : 0;
+	ItemPointerSetInvalid(&acct->tid);
+	if (acct->exists)
+	{
+		bool		isnull;
+		Datum		tid = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3,
+										&isnull);
+
+		/* the version read, which PointsAppendTx updates */
+		ItemPointerCopy((ItemPointer) DatumGetPointer(tid), &acct->tid);
+	}
 }
 
 /*
@@ -196,11 +206,12 @@ AppendTxSQL(PointsTxRow *row, bool make_lot, TimestampTz lot_expires_at,
  *		points.tx row, and acct is up to date.
  *
  * The three rows go in directly (bulk.c, as the batch jobs write theirs),
- * then one UPDATE sets the account.  A statement that did all four (a
+ * and the account row read under the user lock gets its new version
+ * directly too (PointsUpdateRow).  A statement that did all four (a
  * WITH of three INSERTs and the UPDATE) spent more instructions on
  * setting up its executor nodes and compiling the tables' constraints
- * than on the rows.  A table with triggers or rules gets that statement
- * still, so that they fire.
+ * than on the rows.  Tables with triggers or rules get that statement
+ * still (the account an UPDATE), so that they fire.
  */
 void
 PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
@@ -210,6 +221,7 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 			   bool make_lot, PointsTxRow *row)
 {
 	static const Oid account_types[4] = {INT8OID, INT8OID, INT8OID, TIMESTAMPTZOID};
+	static const char *const account_columns[3] = {"balance", "last_seq", "updated_at"};
 	Datum		account_values[4];
 	int64		balance_after;
 	int64		user_seq = acct->last_seq + 1;
@@ -254,6 +266,11 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 	row->values[10] = TimestampTzGetDatum(created_at);
 	row->values[11] = BoolGetDatum(false);
 
+	account_values[0] = Int64GetDatum(user_id);
+	account_values[1] = Int64GetDatum(balance_after);
+	account_values[2] = Int64GetDatum(user_seq);
+	account_values[3] = TimestampTzGetDatum(created_at);
+
 	/* a batch of one for the direct insert */
 	one.n = 1;
 	one.user_id = &user_id;
@@ -267,12 +284,16 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 	one.lot_expires = &one_lot;
 	one.cancels_tx = &cancels_tx;
 	one.tx_id = &tx_id;
-	if (PointsAppendRows(&one, &payload, &type, created_at))
+	if (!PointsAppendRows(&one, &payload, &type, created_at))
 	{
-		account_values[0] = Int64GetDatum(user_id);
-		account_values[1] = Int64GetDatum(balance_after);
-		account_values[2] = Int64GetDatum(user_seq);
-		account_values[3] = TimestampTzGetDatum(created_at);
+		AppendTxSQL(row, make_lot, lot_expires_at, payload, type);
+		ItemPointerSetInvalid(&acct->tid);
+	}
+	else if (!ItemPointerIsValid(&acct->tid) ||
+			 !PointsUpdateRow(PointsRelid("account"), &acct->tid, 3, account_columns,
+							  &account_values[1]))
+	{
+		/* the account has triggers or rules: an UPDATE, so that they run */
 		PointsPlanKey(&plan_account,
 					  "UPDATE points.account SET balance = $2, last_seq = $3, updated_at = $4"
 					  " WHERE user_id = $1",
@@ -280,9 +301,8 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 		PointsExec(plan_account, account_values, NULL, false, 0);
 		if (SPI_processed != 1)
 			elog(ERROR, "points: account of user %lld is missing", (long long) user_id);
+		ItemPointerSetInvalid(&acct->tid);
 	}
-	else
-		AppendTxSQL(row, make_lot, lot_expires_at, payload, type);
 
 	acct->balance = balance_after;
 	acct->last_seq++;

@@ -170,6 +170,7 @@ typedef struct PointsAccount
 	int64		balance;		/* sum of lot remaining, expired or not */
 	int64		last_seq;		/* user_seq of the user's newest tx */
 	int64		next_tx_id;		/* a fresh tx_id, taken under the user lock */
+	ItemPointerData tid;		/* where its row is (the version read) */
 } PointsAccount;
 
 /* the checked arguments of earn and earn_async */
@@ -282,5 +283,7 @@ extern AttrNumber PointsBulkAttnum(PointsBulk *bulk, int i, const char *name);
 extern TupleTableSlot *PointsBulkSlot(PointsBulk *bulk, int i);
 extern void PointsBulkAdd(PointsBulk *bulk, int i);
 extern void PointsBulkEnd(PointsBulk *bulk);
+extern bool PointsUpdateRow(Oid relid, ItemPointer tid, int n, const char *const *columns,
+							const Datum *values);
 
 #endif							/* POINTS_H */
