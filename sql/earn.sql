@@ -165,3 +165,20 @@ SELECT balance, last_seq FROM points.account WHERE user_id = 109;
 RESET enable_seqscan;
 SELECT * FROM points.verify(109);
 DROP EXTENSION amcheck;
+
+-- a write from within a write (a CHECK whose function earns for another
+-- user): the nested write compiles its own constraints and defaults instead
+-- of sharing those in use
+CREATE FUNCTION nested_earn(u bigint) RETURNS boolean LANGUAGE plpgsql AS
+$$BEGIN
+  IF u = 110 THEN PERFORM points.earn(111, 3); END IF;
+  RETURN true;
+END$$;
+ALTER TABLE points.ledger ADD CONSTRAINT test_nested CHECK (nested_earn(user_id)) NOT VALID;
+SELECT user_seq, amount FROM points.earn(110, 7);
+ALTER TABLE points.ledger DROP CONSTRAINT test_nested;
+DROP FUNCTION nested_earn(bigint);
+SELECT g.user_id, g.user_seq, g.amount, o.aggregatetype FROM points.ledger g
+JOIN points.outbox o ON o.id = g.tx_id WHERE g.user_id IN (110, 111) ORDER BY g.user_id;
+SELECT * FROM points.verify(110) UNION ALL SELECT * FROM points.verify(111);
+SELECT user_seq FROM points.earn(110, 1);

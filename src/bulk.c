@@ -80,6 +80,36 @@ CompiledRelease(XactEvent event, void *arg)
 }
 
 /*
+ * CompileDefaults
+ *		The column defaults of rel, compiled in estate: returns how many
+ *		columns have one, *attno their numbers (0-based) and *defaults the
+ *		expressions.  The relation's own descriptor: a copy has none.
+ */
+static int
+CompileDefaults(Relation rel, EState *estate, int **attno, ExprState ***defaults)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	int			n = 0;
+
+	*attno = palloc(sizeof(int) * desc->natts);
+	*defaults = palloc(sizeof(ExprState *) * desc->natts);
+	for (int a = 0; a < desc->natts; a++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+		Expr	   *def;
+
+		if (att->attisdropped || att->attgenerated || !att->atthasdef)
+			continue;
+		def = (Expr *) build_column_default(rel, a + 1);
+		if (def == NULL)
+			continue;
+		(*attno)[n] = a;
+		(*defaults)[n++] = ExecPrepareExpr(def, estate);
+	}
+	return n;
+}
+
+/*
  * GetCompiled
  *		The compiled constraints and defaults of open table rel, marked in
  *		use; NULL when they are in use already (the caller compiles its
@@ -132,54 +162,11 @@ GetCompiled(Relation rel)
 	for (int i = 0; i < ncheck; i++)
 		c->checks[i] = ExecPrepareExpr((Expr *) stringToNode(constr->check[i].ccbin),
 									   c->estate);
-	c->ndefaults = 0;
-	c->default_attno = palloc(sizeof(int) * RelationGetDescr(rel)->natts);
-	c->defaults = palloc(sizeof(ExprState *) * RelationGetDescr(rel)->natts);
-	for (int a = 0; a < RelationGetDescr(rel)->natts; a++)
-	{
-		Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel), a);
-		Expr	   *def;
-
-		if (att->attisdropped || att->attgenerated || !att->atthasdef)
-			continue;
-		def = (Expr *) build_column_default(rel, a + 1);
-		if (def == NULL)
-			continue;
-		c->default_attno[c->ndefaults] = a;
-		c->defaults[c->ndefaults++] = ExecPrepareExpr(def, c->estate);
-	}
+	c->ndefaults = CompileDefaults(rel, c->estate, &c->default_attno, &c->defaults);
 	MemoryContextSwitchTo(outer);
 	c->valid = true;
 	c->in_use = true;
 	return c;
-}
-
-/*
- * CompileDefaults
- *		Table t's column defaults, compiled for this bulk only (its cached
- *		ones are in use).  The relation's own descriptor: a copy has none.
- */
-static void
-CompileDefaults(PointsBulkTable *t, EState *estate)
-{
-	TupleDesc	desc = RelationGetDescr(t->rel);
-
-	t->ndefaults = 0;
-	t->default_attno = palloc(sizeof(int) * desc->natts);
-	t->defaults = palloc(sizeof(ExprState *) * desc->natts);
-	for (int a = 0; a < desc->natts; a++)
-	{
-		Form_pg_attribute att = TupleDescAttr(desc, a);
-		Expr	   *def;
-
-		if (att->attisdropped || att->attgenerated || !att->atthasdef)
-			continue;
-		def = (Expr *) build_column_default(t->rel, a + 1);
-		if (def == NULL)
-			continue;
-		t->default_attno[t->ndefaults] = a;
-		t->defaults[t->ndefaults++] = ExecPrepareExpr(def, estate);
-	}
 }
 
 /*
@@ -232,7 +219,8 @@ PointsBulkBegin(PointsBulk *bulk, const Oid *relids, int n)
 			t->defaults = t->compiled->defaults;
 		}
 		else
-			CompileDefaults(t, bulk->estate);
+			t->ndefaults = CompileDefaults(t->rel, bulk->estate, &t->default_attno,
+										   &t->defaults);
 		memset(t->slots, 0, sizeof(t->slots));
 	}
 }
