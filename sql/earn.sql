@@ -122,6 +122,13 @@ SELECT l.user_id, l.amount, l.remaining, l.expires_at FROM points.lot l
 WHERE l.user_id IN (106, 107) ORDER BY l.user_id;
 SELECT points.balance(106), points.balance(107);
 SELECT * FROM points.verify(106) UNION ALL SELECT * FROM points.verify(107);
+-- a trigger on the account alone sends the whole write through SQL too
+CREATE TRIGGER see_account AFTER UPDATE ON points.account FOR EACH ROW EXECUTE FUNCTION see_write();
+SELECT user_seq, kind, amount, balance_after FROM points.earn(112, 9);
+SELECT user_seq, kind, amount, balance_after FROM points.use(112, 4);
+DROP TRIGGER see_account ON points.account;
+SELECT tbl, count(*) FROM write_seen WHERE tbl = 'account' AND id = 112 GROUP BY tbl;
+SELECT * FROM points.verify(112);
 DROP TABLE write_seen;
 DROP FUNCTION see_write();
 

@@ -387,26 +387,36 @@ BulkRows(PointsBulk *bulk, PointsTxBatch *b, Datum *payloads, Datum *types,
 /*
  * PointsAppendRows
  *		Insert the ledger rows, lots (earns) and events of b directly
- *		(bulk.c), b->tx_id, payloads and types already drawn and built.
- *		Returns false, having written nothing, when a table needs what only
- *		an INSERT statement does (triggers, rules, generated columns): the
- *		caller then writes the rows through SQL.
+ *		(bulk.c), b->tx_id, payloads and types already drawn and built; with
+ *		account_tid (one call's transaction), also set that account row's
+ *		balance, last_seq and updated_at to account_values.  Returns false,
+ *		having written nothing, when a table needs what only a statement
+ *		does (triggers, rules, generated columns): the caller then writes
+ *		it all through SQL.
  */
 bool
 PointsAppendRows(PointsTxBatch *b, Datum *payloads, Datum *types,
-				 TimestampTz created_at)
+				 TimestampTz created_at, ItemPointer account_tid,
+				 const Datum *account_values)
 {
-	Oid			relids[3];
+	static const char *const account_columns[3] = {"balance", "last_seq", "updated_at"};
+	Oid			relids[4];
 	PointsBulk *bulk = palloc(sizeof(PointsBulk));
 	bool		usable;
 
 	relids[0] = PointsRelid("ledger");
 	relids[1] = PointsRelid("lot");
 	relids[2] = PointsRelid("outbox");
-	PointsBulkBegin(bulk, relids, 3);
+	if (account_tid)
+		relids[3] = PointsRelid("account");
+	PointsBulkBegin(bulk, relids, account_tid ? 4 : 3);
 	usable = PointsBulkUsable(bulk);
 	if (usable)
+	{
 		BulkRows(bulk, b, payloads, types, created_at);
+		if (account_tid)
+			PointsBulkUpdate(bulk, 3, account_tid, 3, account_columns, account_values);
+	}
 	PointsBulkEnd(bulk);
 	pfree(bulk);
 	return usable;
@@ -470,7 +480,7 @@ PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set, TimestampTz created_a
 	account_values[0] = values[10];
 	FinalStates(b, set, &account_values[1]);
 
-	if (!PointsAppendRows(b, payloads, event_types, created_at))
+	if (!PointsAppendRows(b, payloads, event_types, created_at, NULL, NULL))
 	{
 		d = palloc(sizeof(Datum) * n);
 		nulls = palloc(sizeof(bool) * n);

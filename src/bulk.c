@@ -370,37 +370,26 @@ PointsBulkEnd(PointsBulk *bulk)
 }
 
 /*
- * PointsUpdateRow
- *		Set the n columns named columns[] of the row at *tid of table relid
- *		to values[] (none NULL), directly: the table's constraints checked,
- *		its index entries made unless the update is HOT, statistics counted;
- *		*tid becomes the new version's.  The row must be its latest version, read by this transaction under
- *		the lock that every writer of that row holds (a user's account):
- *		another writer is an error, not a wait.  Returns false, having
- *		written nothing, when the table has triggers or rules (the caller
- *		updates through SQL, so that they run).
+ * PointsBulkUpdate
+ *		Set the n columns named columns[] of the row at *tid of table i to
+ *		values[] (none NULL), directly: the table's constraints checked, its
+ *		index entries made unless the update is HOT, statistics counted;
+ *		*tid becomes the new version's.  The row must be its latest version,
+ *		read by this transaction under the lock that every writer of that
+ *		row holds (a user's account): another writer is an error, not a
+ *		wait.  The caller checked PointsBulkUsable.
  */
-bool
-PointsUpdateRow(Oid relid, ItemPointer tid, int n, const char *const *columns,
-				const Datum *values)
+void
+PointsBulkUpdate(PointsBulk *bulk, int i, ItemPointer tid, int n,
+				 const char *const *columns, const Datum *values)
 {
-	PointsBulk *bulk = palloc(sizeof(PointsBulk));
-	PointsBulkTable *t;
+	PointsBulkTable *t = &bulk->tables[i];
 	TupleTableSlot *old;
 	TupleTableSlot *new;
 	TM_FailureData tmfd;
 	LockTupleMode lockmode;
 	bool		update_indexes;
-	TM_Result	result;
 
-	PointsBulkBegin(bulk, &relid, 1);
-	if (!PointsBulkUsable(bulk))
-	{
-		PointsBulkEnd(bulk);
-		pfree(bulk);
-		return false;
-	}
-	t = &bulk->tables[0];
 	old = table_slot_create(t->rel, NULL);
 	if (!table_tuple_fetch_row_version(t->rel, tid, SnapshotAny, old))
 		elog(ERROR, "points: row (%u,%u) of %s is missing",
@@ -410,20 +399,19 @@ PointsUpdateRow(Oid relid, ItemPointer tid, int n, const char *const *columns,
 	new = MakeSingleTupleTableSlot(t->desc, &TTSOpsVirtual);
 	memcpy(new->tts_values, old->tts_values, sizeof(Datum) * t->desc->natts);
 	memcpy(new->tts_isnull, old->tts_isnull, sizeof(bool) * t->desc->natts);
-	for (int i = 0; i < n; i++)
+	for (int c = 0; c < n; c++)
 	{
-		AttrNumber	a = PointsBulkAttnum(bulk, 0, columns[i]) - 1;
+		AttrNumber	a = PointsBulkAttnum(bulk, i, columns[c]) - 1;
 
-		new->tts_values[a] = values[i];
+		new->tts_values[a] = values[c];
 		new->tts_isnull[a] = false;
 	}
 	ExecStoreVirtualTuple(new);
 	if (t->rel->rd_att->constr)
 		ExecConstraints(t->rri, new, bulk->estate);
-	result = table_tuple_update(t->rel, tid, new, bulk->estate->es_output_cid,
-								GetActiveSnapshot(), InvalidSnapshot, true,
-								&tmfd, &lockmode, &update_indexes);
-	if (result != TM_Ok)
+	if (table_tuple_update(t->rel, tid, new, bulk->estate->es_output_cid,
+						   GetActiveSnapshot(), InvalidSnapshot, true,
+						   &tmfd, &lockmode, &update_indexes) != TM_Ok)
 		elog(ERROR, "points: row (%u,%u) of %s was changed by another transaction",
 			 ItemPointerGetBlockNumber(tid), ItemPointerGetOffsetNumber(tid),
 			 RelationGetRelationName(t->rel));
@@ -432,7 +420,4 @@ PointsUpdateRow(Oid relid, ItemPointer tid, int n, const char *const *columns,
 	*tid = new->tts_tid;		/* the new version's */
 	ExecDropSingleTupleTableSlot(new);
 	ExecDropSingleTupleTableSlot(old);
-	PointsBulkEnd(bulk);
-	pfree(bulk);
-	return true;
 }

@@ -51,7 +51,6 @@ static SPIPlanPtr plan_lock_account;
 static SPIPlanPtr plan_read_account;
 static SPIPlanPtr plan_new_account;
 static SPIPlanPtr plan_append;
-static SPIPlanPtr plan_account;
 static SPIPlanPtr plan_key;
 static SPIPlanPtr plan_fetch;
 static SPIPlanPtr plan_spendable;
@@ -206,12 +205,12 @@ AppendTxSQL(PointsTxRow *row, bool make_lot, TimestampTz lot_expires_at,
  *		points.tx row, and acct is up to date.
  *
  * The three rows go in directly (bulk.c, as the batch jobs write theirs),
- * and the account row read under the user lock gets its new version
- * directly too (PointsUpdateRow).  A statement that did all four (a
+ * and the account row read under the user lock gets its next version the
+ * same way, all in one executor state.  A statement that did all four (a
  * WITH of three INSERTs and the UPDATE) spent more instructions on
  * setting up its executor nodes and compiling the tables' constraints
- * than on the rows.  Tables with triggers or rules get that statement
- * still (the account an UPDATE), so that they fire.
+ * than on the rows.  If any of the four tables has triggers or rules,
+ * that statement writes them all, so that they fire.
  */
 void
 PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
@@ -220,9 +219,7 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 			   TimestampTz created_at, TimestampTz lot_expires_at,
 			   bool make_lot, PointsTxRow *row)
 {
-	static const Oid account_types[4] = {INT8OID, INT8OID, INT8OID, TIMESTAMPTZOID};
-	static const char *const account_columns[3] = {"balance", "last_seq", "updated_at"};
-	Datum		account_values[4];
+	Datum		account_values[3];
 	int64		balance_after;
 	int64		user_seq = acct->last_seq + 1;
 	int64		tx_id;
@@ -266,10 +263,9 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 	row->values[10] = TimestampTzGetDatum(created_at);
 	row->values[11] = BoolGetDatum(false);
 
-	account_values[0] = Int64GetDatum(user_id);
-	account_values[1] = Int64GetDatum(balance_after);
-	account_values[2] = Int64GetDatum(user_seq);
-	account_values[3] = TimestampTzGetDatum(created_at);
+	account_values[0] = Int64GetDatum(balance_after);
+	account_values[1] = Int64GetDatum(user_seq);
+	account_values[2] = TimestampTzGetDatum(created_at);
 
 	/* a batch of one for the direct insert */
 	one.n = 1;
@@ -284,23 +280,11 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 	one.lot_expires = &one_lot;
 	one.cancels_tx = &cancels_tx;
 	one.tx_id = &tx_id;
-	if (!PointsAppendRows(&one, &payload, &type, created_at))
+	/* the account row read under the user lock gets its next version */
+	if (!ItemPointerIsValid(&acct->tid) ||
+		!PointsAppendRows(&one, &payload, &type, created_at, &acct->tid, account_values))
 	{
 		AppendTxSQL(row, make_lot, lot_expires_at, payload, type);
-		ItemPointerSetInvalid(&acct->tid);
-	}
-	else if (!ItemPointerIsValid(&acct->tid) ||
-			 !PointsUpdateRow(PointsRelid("account"), &acct->tid, 3, account_columns,
-							  &account_values[1]))
-	{
-		/* the account has triggers or rules: an UPDATE, so that they run */
-		PointsPlanKey(&plan_account,
-					  "UPDATE points.account SET balance = $2, last_seq = $3, updated_at = $4"
-					  " WHERE user_id = $1",
-					  4, account_types);
-		PointsExec(plan_account, account_values, NULL, false, 0);
-		if (SPI_processed != 1)
-			elog(ERROR, "points: account of user %lld is missing", (long long) user_id);
 		ItemPointerSetInvalid(&acct->tid);
 	}
 

@@ -169,7 +169,6 @@ typedef struct PointsAccount
 	bool		exists;
 	int64		balance;		/* sum of lot remaining, expired or not */
 	int64		last_seq;		/* user_seq of the user's newest tx */
-	int64		next_tx_id;		/* a fresh tx_id, taken under the user lock */
 	ItemPointerData tid;		/* where its row is (the version read) */
 } PointsAccount;
 
@@ -250,10 +249,11 @@ extern void PointsBatchAdd(PointsTxBatch *b, int64 user_id, int64 user_seq,
 extern void PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set,
 							  TimestampTz created_at);
 extern bool PointsAppendRows(PointsTxBatch *b, Datum *payloads, Datum *types,
-							 TimestampTz created_at);
+							 TimestampTz created_at, ItemPointer account_tid,
+							 const Datum *account_values);
 
 /* bulk.c: many rows into the extension's tables, without the executor */
-#define POINTS_BULK_MAX_TABLES		3
+#define POINTS_BULK_MAX_TABLES		4
 #define POINTS_BULK_CHUNK			100		/* rows buffered per table */
 
 typedef struct PointsBulkTable
@@ -283,7 +283,7 @@ extern AttrNumber PointsBulkAttnum(PointsBulk *bulk, int i, const char *name);
 extern TupleTableSlot *PointsBulkSlot(PointsBulk *bulk, int i);
 extern void PointsBulkAdd(PointsBulk *bulk, int i);
 extern void PointsBulkEnd(PointsBulk *bulk);
-extern bool PointsUpdateRow(Oid relid, ItemPointer tid, int n, const char *const *columns,
-							const Datum *values);
+extern void PointsBulkUpdate(PointsBulk *bulk, int i, ItemPointer tid, int n,
+							 const char *const *columns, const Datum *values);
 
 #endif							/* POINTS_H */
