@@ -97,3 +97,51 @@ DROP TRIGGER see_tx ON points.ledger;
 DROP TABLE ledger_seen;
 DROP FUNCTION see_tx();
 SELECT * FROM points.verify();
+
+-- with a trigger on the lot table, expiry reads and empties the lots through
+-- SQL (the trigger sees each update); a twin user expired directly before
+-- got the same transaction, metadata and lots.  Each twin: lots of 1, 2
+-- and 3 points due in 300 ms (the 3 soonest), 2 points used from the 3
+CREATE FUNCTION pg_temp.three_lots(u bigint) RETURNS bigint LANGUAGE sql AS $$
+  SELECT count(points.earn(u, a, expires_at => clock_timestamp() + interval '300 ms' - a * interval '1 ms'))
+  FROM generate_series(1, 3) a;
+  SELECT amount FROM points.use(u, 2);
+$$;
+SELECT pg_temp.three_lots(409);
+SELECT pg_sleep(0.4);
+SELECT points.expire_due() AS expired;
+SELECT pg_temp.three_lots(410);
+CREATE TABLE lot_seen (lot_id bigint, old_remaining bigint, new_remaining bigint);
+CREATE FUNCTION see_lot() RETURNS trigger LANGUAGE plpgsql AS
+$$BEGIN INSERT INTO public.lot_seen VALUES (NEW.lot_id, OLD.remaining, NEW.remaining); RETURN NEW; END$$;
+CREATE TRIGGER see_lot AFTER UPDATE ON points.lot FOR EACH ROW EXECUTE FUNCTION see_lot();
+SELECT pg_sleep(0.4);
+SELECT points.expire_due() AS expired;
+SELECT user_id, user_seq, amount, balance_after,
+       jsonb_path_query_array(metadata, '$.lots[*].amount') AS lot_amounts
+FROM points.ledger WHERE user_id IN (409, 410) AND kind = 'expire' ORDER BY user_id;
+SELECT user_id, array_agg(amount || '/' || remaining ORDER BY lot_id) AS lots
+FROM points.lot WHERE user_id IN (409, 410) GROUP BY user_id ORDER BY user_id;
+SELECT l.user_id, s.old_remaining, s.new_remaining
+FROM lot_seen s JOIN points.lot l USING (lot_id) ORDER BY s.lot_id;
+DROP TRIGGER see_lot ON points.lot;
+DROP TABLE lot_seen;
+DROP FUNCTION see_lot();
+SELECT * FROM points.verify();
+
+-- without its indexes (dropped, or being rebuilt) expiry reads through SQL
+-- and finds the same lots
+SELECT pg_temp.three_lots(411);
+SELECT pg_sleep(0.4);
+BEGIN;
+DROP INDEX points.lot_due_idx;
+DROP INDEX points.lot_user_idx;
+SELECT points.expire_due() AS expired;
+SELECT user_seq, amount, balance_after, jsonb_path_query_array(metadata, '$.lots[*].amount') AS lot_amounts
+FROM points.ledger WHERE user_id = 411 AND kind = 'expire';
+SELECT * FROM points.verify(411);
+ROLLBACK;
+SELECT points.expire_due() AS expired;
+SELECT user_seq, amount, balance_after, jsonb_path_query_array(metadata, '$.lots[*].amount') AS lot_amounts
+FROM points.ledger WHERE user_id = 411 AND kind = 'expire';
+SELECT * FROM points.verify();

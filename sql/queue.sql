@@ -146,3 +146,44 @@ SELECT o.test_tag, o.aggregatetype, o.type, g.amount
 FROM points.outbox o JOIN points.ledger g ON g.tx_id = o.id WHERE g.user_id = 790003;
 ALTER TABLE points.outbox DROP COLUMN test_tag;
 SELECT * FROM points.verify();
+
+-- a batch records its requests directly, or, with a trigger on the request
+-- table, through SQL (the trigger sees each one); both record the same:
+-- applied with the tx_id of its earn, or rejected with the error, and an
+-- account made by the batch (a new user) or updated by it
+SELECT points.earn_async(790004, 5, 'twin-a') AS a1, points.earn_async(790004, 6, 'twin-a') AS a2,
+       points.earn_async(790005, 7) AS a3 \gset
+SELECT points.apply_queued();
+CREATE TABLE request_seen (request_id bigint, state text, has_tx boolean, error text);
+CREATE FUNCTION see_request() RETURNS trigger LANGUAGE plpgsql AS
+$$BEGIN INSERT INTO public.request_seen VALUES (NEW.request_id, NEW.state, NEW.tx_id IS NOT NULL, NEW.error);
+RETURN NEW; END$$;
+CREATE TRIGGER see_request AFTER UPDATE ON points.request FOR EACH ROW EXECUTE FUNCTION see_request();
+SELECT points.earn_async(790006, 5, 'twin-a') AS b1, points.earn_async(790006, 6, 'twin-a') AS b2,
+       points.earn_async(790005, 7) AS b3 \gset
+SELECT points.apply_queued();
+SELECT q.n, q.state, q.tx_id = g.tx_id AS tx_matches, g.user_seq, g.amount, g.balance_after,
+       regexp_replace(q.error, '[0-9]{4,}', 'N', 'g') AS error,
+       s.state AS trigger_saw
+FROM (VALUES ('a1', :a1), ('a2', :a2), ('a3', :a3), ('b1', :b1), ('b2', :b2), ('b3', :b3)) v(n, id)
+CROSS JOIN LATERAL (SELECT v.n, r.* FROM points.request(v.id) r) q
+LEFT JOIN points.ledger g ON g.tx_id = q.tx_id
+LEFT JOIN request_seen s ON s.request_id = v.id
+ORDER BY q.n;
+SELECT user_id, balance, last_seq FROM points.account WHERE user_id IN (790004, 790005, 790006) ORDER BY 1;
+DROP TRIGGER see_request ON points.request;
+DROP TABLE request_seen;
+DROP FUNCTION see_request();
+SELECT * FROM points.verify();
+
+-- without request_queued_idx (dropped, or being rebuilt) a batch finds its
+-- users through SQL
+BEGIN;
+DROP INDEX points.request_queued_idx;
+SELECT points.earn_async(790007, 3) AS c1, points.earn_async(790007, 4) AS c2 \gset
+SELECT points.apply_queued();
+SELECT q.state, g.user_seq, g.amount, g.balance_after
+FROM (VALUES (:c1), (:c2)) v(id), points.request(v.id) q JOIN points.ledger g ON g.tx_id = q.tx_id
+ORDER BY g.user_seq;
+ROLLBACK;
+SELECT * FROM points.verify();

@@ -15,12 +15,19 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "catalog/pg_am.h"
+#include "miscadmin.h"
+#include "parser/parse_relation.h"
 #include "storage/proc.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
 
 #include "points.h"
 
@@ -53,10 +60,10 @@ CompareAccount(const void *a, const void *b)
 
 /*
  * PointsLockBatchUsers
- *		Take the user lock of each user in column 1 of the first max_rows
- *		rows of the last SPI result that is free now (a busy user is left
- *		for a later batch; the job never waits; got[i] says which, when got
- *		is not NULL), within the transaction's budget (above), then read
+ *		Take the user lock of each of the first max_rows of the ncand users
+ *		cand[] that is free now (a busy user is left for a later batch; the
+ *		job never waits; got[i] says which, when got is not NULL), within
+ *		the transaction's budget (above), then read
  *		their account rows.  With create, a user without an account gets
  *		one in the set (balance 0, is_new), which the append inserts if the
  *		batch writes for it: under the user lock nobody else can make it
@@ -64,12 +71,12 @@ CompareAccount(const void *a, const void *b)
  *		returns false when no user was free.
  */
 bool
-PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
-					 PointsAccountSet *set)
+PointsLockBatchUsers(bool create, TimestampTz now, const int64 *cand, uint64 ncand,
+					 uint64 max_rows, bool *got, PointsAccountSet *set)
 {
 	static const Oid types[2] = {INT8ARRAYOID, TIMESTAMPTZOID};
 	Datum		values[2];
-	Datum	   *locked = palloc(sizeof(Datum) * (SPI_processed + 1));
+	Datum	   *locked = palloc(sizeof(Datum) * (ncand + 1));
 	int			nlocked = 0;
 	int			budget;
 	uint64		i;
@@ -82,10 +89,10 @@ PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
 	}
 	budget = POINTS_BATCH_MAX_USERS - budget_used;
 	if (got)
-		memset(got, 0, sizeof(bool) * Min(SPI_processed, max_rows));
-	for (i = 0; i < SPI_processed && i < max_rows && nlocked < budget; i++)
+		memset(got, 0, sizeof(bool) * Min(ncand, max_rows));
+	for (i = 0; i < ncand && i < max_rows && nlocked < budget; i++)
 	{
-		int64		user_id = PointsGetInt64(i, 1, NULL);
+		int64		user_id = cand[i];
 		bool		ok = PointsTryLockUser(user_id);
 
 		if (ok)
@@ -122,22 +129,29 @@ PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
 	/* FOR UPDATE only for a transaction snapshot: see PointsLockAccount */
 	if (IsolationUsesXactSnapshot())
 		plan = PointsPlanSet(&plan_lock_accounts,
-						  "SELECT user_id, balance, last_seq FROM points.account"
+						  "SELECT user_id, balance, last_seq, ctid FROM points.account"
 						  " WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
 						  1, types);
 	else
 		plan = PointsPlanSet(&plan_accounts,
-						  "SELECT user_id, balance, last_seq FROM points.account"
+						  "SELECT user_id, balance, last_seq, ctid FROM points.account"
 						  " WHERE user_id = ANY($1) ORDER BY user_id",
 						  1, types);
 	PointsExec(plan, values, NULL, false, 0);
 	set->accounts = palloc(sizeof(PointsAccountState) * (nlocked + 1));
 	for (i = 0; i < SPI_processed; i++)
 	{
-		set->accounts[i].user_id = PointsGetInt64(i, 1, NULL);
-		set->accounts[i].balance = PointsGetInt64(i, 2, NULL);
-		set->accounts[i].last_seq = PointsGetInt64(i, 3, NULL);
-		set->accounts[i].is_new = false;
+		PointsAccountState *a = &set->accounts[i];
+		bool		isnull;
+
+		a->user_id = PointsGetInt64(i, 1, NULL);
+		a->balance = PointsGetInt64(i, 2, NULL);
+		a->read_seq = a->last_seq = PointsGetInt64(i, 3, NULL);
+		a->is_new = false;
+		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(SPI_tuptable->vals[i],
+																 SPI_tuptable->tupdesc,
+																 4, &isnull)),
+						&a->tid);
 	}
 	set->n = (int) SPI_processed;
 	if (create && set->n < nlocked)
@@ -153,13 +167,103 @@ PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows, bool *got,
 						CompareAccount) != NULL)
 				continue;
 			key.balance = 0;
-			key.last_seq = 0;
+			key.read_seq = key.last_seq = 0;
 			key.is_new = true;
+			ItemPointerSetInvalid(&key.tid);
 			set->accounts[set->n++] = key;
 		}
 		qsort(set->accounts, set->n, sizeof(PointsAccountState), CompareAccount);
 	}
 	return true;
+}
+
+/*
+ * PointsOpenIndex
+ *		Index points.<name> of the open table rel, open, if it is a valid
+ *		btree whose first two key columns are col1 and col2 (col2 NULL:
+ *		any), ascending: what a direct read needs.  NULL otherwise
+ *		(dropped, being rebuilt, changed by hand): the caller reads through
+ *		SQL.
+ */
+Relation
+PointsOpenIndex(Relation rel, const char *name, const char *col1, const char *col2)
+{
+	Oid			id = get_relname_relid(name, RelationGetNamespace(rel));
+	Relation	index;
+	Form_pg_index form;
+
+	if (!OidIsValid(id))
+		return NULL;
+	index = index_open(id, AccessShareLock);
+	form = index->rd_index;
+	if (form->indrelid == RelationGetRelid(rel) && form->indisvalid &&
+		index->rd_rel->relam == BTREE_AM_OID && form->indnkeyatts >= (col2 ? 2 : 1) &&
+		form->indkey.values[0] == attnameAttNum(rel, col1, false) &&
+		index->rd_indoption[0] == 0 &&
+		(col2 == NULL || (form->indkey.values[1] == attnameAttNum(rel, col2, false) &&
+						  index->rd_indoption[1] == 0)))
+		return index;
+	index_close(index, AccessShareLock);
+	return NULL;
+}
+
+/*
+ * PointsFirstUsers
+ *		Walk index (of rel) forward within keys[] over the rows that check
+ *		accepts (the index's predicate, tested on each version), at most
+ *		max_rows of them, and collect their users (column user_att) in the
+ *		order of each one's first row, at most max_users; first[i] gets
+ *		column key_att of user i's first row.  Under a snapshot taken now.
+ *		*rows gets how many rows were read.  Returns how many users.  A
+ *		batch job's search for work: it stops at the last user it can take,
+ *		where a statement would read max_rows rows to group them.
+ */
+int
+PointsFirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
+				 PointsRowCheck check, void *arg, AttrNumber user_att,
+				 AttrNumber key_att, int64 max_rows, int max_users,
+				 int64 *users, Datum *first, int64 *rows)
+{
+	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	IndexScanDesc scan;
+	HASHCTL		ctl;
+	HTAB	   *seen;
+	int			n = 0;
+	int64		read = 0;
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = ctl.entrysize = sizeof(int64);
+	ctl.hcxt = CurrentMemoryContext;
+	seen = hash_create("points first users", max_users + 1, &ctl,
+					   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	PushActiveSnapshot(GetTransactionSnapshot());
+	scan = index_beginscan(rel, index, GetActiveSnapshot(), nkeys, 0);
+	index_rescan(scan, keys, nkeys, NULL, 0);
+	while (n < max_users && read < max_rows &&
+		   index_getnext_slot(scan, ForwardScanDirection, slot))
+	{
+		bool		isnull;
+		bool		found;
+		int64		user_id;
+
+		if (!check(slot, arg))
+			continue;
+		read++;
+		user_id = DatumGetInt64(slot_getattr(slot, user_att, &isnull));
+		(void) hash_search(seen, &user_id, HASH_ENTER, &found);
+		if (!found)
+		{
+			first[n] = slot_getattr(slot, key_att, &isnull);
+			users[n++] = user_id;
+		}
+		CHECK_FOR_INTERRUPTS();
+	}
+	index_endscan(scan);
+	PopActiveSnapshot();
+	ExecDropSingleTupleTableSlot(slot);
+	hash_destroy(seen);
+	*rows = read;
+	return n;
 }
 
 /*
@@ -249,22 +353,38 @@ Int64Array(int64 *v, int n)
 }
 
 /*
+ * Written
+ *		The accounts of the set that the batch wrote for (their last_seq
+ *		grew), in user_id order, with their final balance and last_seq:
+ *		the callers keep each user's state in the set as they add its
+ *		transactions.  Returns how many.
+ */
+static int
+Written(PointsAccountSet *set, PointsAccountState **out)
+{
+	PointsAccountState *w = palloc(sizeof(PointsAccountState) * (set->n + 1));
+	int			n = 0;
+
+	for (int i = 0; i < set->n; i++)
+		if (set->accounts[i].last_seq != set->accounts[i].read_seq)
+			w[n++] = set->accounts[i];
+	*out = w;
+	return n;
+}
+
+/*
  * FinalStates
- *		Each user's last balance_after and user_seq in the batch, as int8[]
- *		triples (user_id, balance, last_seq): out[0..2] for the accounts
- *		that exist, out[3..5] for those the append makes (is_new in set).
- *		The update matches its users by primary key (user_id = ANY), so its
- *		plan never scans the whole account table.  The new ones are plain
- *		inserts: only the holder of a user's lock makes its account, and
- *		under a transaction snapshot PointsLockBatchUsers made them already.
+ *		The written accounts as int8[] triples (user_id, balance, last_seq):
+ *		out[0..2] for those that exist, out[3..5] for those the append
+ *		makes (is_new).  The update matches its users by primary key
+ *		(user_id = ANY), so its plan never scans the whole account table.
+ *		The new ones are plain inserts: only the holder of a user's lock
+ *		makes its account, and under a transaction snapshot
+ *		PointsLockBatchUsers made them already.
  */
 static void
-FinalStates(PointsTxBatch *b, PointsAccountSet *set, Datum *out)
+FinalStates(PointsAccountState *w, int nw, Datum *out)
 {
-	HASHCTL		ctl;
-	HTAB	   *last;
-	HASH_SEQ_STATUS seq;
-	int64	   *e;
 	int64	   *users[2],
 			   *balances[2],
 			   *seqs[2];
@@ -272,32 +392,18 @@ FinalStates(PointsTxBatch *b, PointsAccountSet *set, Datum *out)
 
 	for (int k = 0; k < 2; k++)
 	{
-		users[k] = palloc(sizeof(int64) * b->n);
-		balances[k] = palloc(sizeof(int64) * b->n);
-		seqs[k] = palloc(sizeof(int64) * b->n);
+		users[k] = palloc(sizeof(int64) * (nw + 1));
+		balances[k] = palloc(sizeof(int64) * (nw + 1));
+		seqs[k] = palloc(sizeof(int64) * (nw + 1));
 	}
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(int64);
-	ctl.entrysize = 2 * sizeof(int64);	/* user_id, index of its last tx */
-	ctl.hcxt = CurrentMemoryContext;
-	last = hash_create("points batch users", Max(b->n, 16), &ctl,
-					   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
-	for (int i = 0; i < b->n; i++)
+	for (int i = 0; i < nw; i++)
 	{
-		e = hash_search(last, &b->user_id[i], HASH_ENTER, NULL);
-		e[1] = i;				/* entries of a user come in user_seq order */
-	}
-	hash_seq_init(&seq, last);
-	while ((e = hash_seq_search(&seq)) != NULL)
-	{
-		int64		user_id = b->user_id[e[1]];
-		int			k = PointsFindAccount(set, user_id)->is_new ? 1 : 0;
+		int			k = w[i].is_new ? 1 : 0;
 
-		users[k][nu[k]] = user_id;
-		balances[k][nu[k]] = b->balance_after[e[1]];
-		seqs[k][nu[k]++] = b->user_seq[e[1]];
+		users[k][nu[k]] = w[i].user_id;
+		balances[k][nu[k]] = w[i].balance;
+		seqs[k][nu[k]++] = w[i].last_seq;
 	}
-	hash_destroy(last);
 	for (int k = 0; k < 2; k++)
 	{
 		out[3 * k] = Int64Array(users[k], nu[k]);
@@ -385,21 +491,68 @@ BulkRows(PointsBulk *bulk, PointsTxBatch *b, Datum *payloads, Datum *types,
 }
 
 /*
+ * BulkAccounts
+ *		Each account's final balance and last_seq (table 3 of bulk): the
+ *		version read under the user lock gets its next version, or a new
+ *		account is inserted.
+ */
+static void
+BulkAccounts(PointsBulk *bulk, PointsAccountState *accounts, int n,
+			 TimestampTz created_at)
+{
+	static const char *const columns[3] = {"balance", "last_seq", "updated_at"};
+	Datum		created = TimestampTzGetDatum(created_at);
+	AttrNumber	a_user = PointsBulkAttnum(bulk, 3, "user_id") - 1,
+				a_balance = PointsBulkAttnum(bulk, 3, "balance") - 1,
+				a_seq = PointsBulkAttnum(bulk, 3, "last_seq") - 1,
+				a_created = PointsBulkAttnum(bulk, 3, "created_at") - 1,
+				a_updated = PointsBulkAttnum(bulk, 3, "updated_at") - 1;
+
+	for (int i = 0; i < n; i++)
+	{
+		PointsAccountState *a = &accounts[i];
+
+		if (a->is_new)
+		{
+			TupleTableSlot *s = PointsBulkSlot(bulk, 3);
+
+#define SET(col, v) (s->tts_values[col] = (v), s->tts_isnull[col] = false)
+			SET(a_user, Int64GetDatum(a->user_id));
+			SET(a_balance, Int64GetDatum(a->balance));
+			SET(a_seq, Int64GetDatum(a->last_seq));
+			SET(a_created, created);
+			SET(a_updated, created);
+#undef SET
+			PointsBulkAdd(bulk, 3);
+		}
+		else
+		{
+			Datum		values[3];
+
+			values[0] = Int64GetDatum(a->balance);
+			values[1] = Int64GetDatum(a->last_seq);
+			values[2] = created;
+			PointsBulkUpdate(bulk, 3, &a->tid, 3, columns, values, NULL);
+		}
+	}
+}
+
+/*
  * PointsAppendRows
  *		Insert the ledger rows, lots (earns) and events of b directly
- *		(bulk.c), b->tx_id, payloads and types already drawn and built; with
- *		account_tid (one call's transaction), also set that account row's
- *		balance, last_seq and updated_at to account_values.  Returns false,
- *		having written nothing, when a table needs what only a statement
- *		does (triggers, rules, generated columns): the caller then writes
- *		it all through SQL.
+ *		(bulk.c), b->tx_id, payloads and types already drawn and built, and
+ *		write the final state (balance, last_seq, updated_at created_at) of
+ *		the naccounts accounts: an update of the version read (its tid,
+ *		which becomes the new version's), or an insert (is_new).  Returns
+ *		false, having written nothing, when a table needs what only a
+ *		statement does (triggers, rules, generated columns): the caller
+ *		then writes it all through SQL.
  */
 bool
 PointsAppendRows(PointsTxBatch *b, Datum *payloads, Datum *types,
-				 TimestampTz created_at, ItemPointer account_tid,
-				 const Datum *account_values)
+				 TimestampTz created_at, PointsAccountState *accounts,
+				 int naccounts)
 {
-	static const char *const account_columns[3] = {"balance", "last_seq", "updated_at"};
 	Oid			relids[4];
 	PointsBulk *bulk = palloc(sizeof(PointsBulk));
 	bool		usable;
@@ -407,15 +560,13 @@ PointsAppendRows(PointsTxBatch *b, Datum *payloads, Datum *types,
 	relids[0] = PointsRelid("ledger");
 	relids[1] = PointsRelid("lot");
 	relids[2] = PointsRelid("outbox");
-	if (account_tid)
-		relids[3] = PointsRelid("account");
-	PointsBulkBegin(bulk, relids, account_tid ? 4 : 3);
+	relids[3] = PointsRelid("account");
+	PointsBulkBegin(bulk, relids, 4);
 	usable = PointsBulkUsable(bulk);
 	if (usable)
 	{
 		BulkRows(bulk, b, payloads, types, created_at);
-		if (account_tid)
-			PointsBulkUpdate(bulk, 3, account_tid, 3, account_columns, account_values);
+		BulkAccounts(bulk, accounts, naccounts, created_at);
 	}
 	PointsBulkEnd(bulk);
 	pfree(bulk);
@@ -423,17 +574,14 @@ PointsAppendRows(PointsTxBatch *b, Datum *payloads, Datum *types,
 }
 
 /*
- * PointsAppendBatch
- *		Write every transaction of the batch, with its lot (earns), its
- *		outbox event, and each account's final balance and user_seq.  On
- *		return b->tx_id[i] is the tx_id of the i-th transaction.
- *
- * The rows go in directly (bulk.c) unless PointsBulkUsable says a table
- * needs what only an INSERT does (triggers, rules, generated columns);
- * then one SQL statement writes them.
+ * AppendBatchSQL
+ *		PointsAppendRows through SQL, for tables with triggers or rules: one
+ *		statement writes the ledger rows, lots and events, one the accounts.
  */
-void
-PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set, TimestampTz created_at)
+static void
+AppendBatchSQL(PointsTxBatch *b, Datum *payloads, Datum *event_types,
+			   TimestampTz created_at, PointsAccountState *written_accounts,
+			   int nwritten)
 {
 	static const Oid types[13] = {
 		INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID, INT8ARRAYOID,
@@ -447,105 +595,79 @@ PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set, TimestampTz created_a
 	Datum		values[13];
 	Datum		account_values[7];
 	Datum	   *d;
-	Datum	   *payloads;
-	Datum	   *event_types;
 	bool	   *nulls;
-	int64	   *tx_ids;
 	int			n = b->n;
 	int			i;
-	Oid			seq;
 	int64		written;
 	int64		expected;
 	ArrayType  *existing;
 
-	if (n == 0)
-		return;
-	payloads = palloc(sizeof(Datum) * n);
-	event_types = palloc(sizeof(Datum) * n);
-	tx_ids = b->tx_id = palloc(sizeof(int64) * n);
-
-	/* tx_ids in batch order, so each user's grow with its user_seq */
-	seq = PointsRelid("tx_seq");
-	for (i = 0; i < n; i++)
-		tx_ids[i] = PointsNextTxId(seq);
-	for (i = 0; i < n; i++)
-	{
-		payloads[i] = PointsEventPayload(tx_ids[i], b->user_id[i], b->user_seq[i],
-										 b->kind[i], b->amount[i], b->balance_after[i],
-										 created_at, b->key[i], 0, b->reason[i],
-										 b->metadata[i]);
-		event_types[i] = CStringGetTextDatum(PointsEventType(b->kind[i]));
-	}
 	values[10] = TimestampTzGetDatum(created_at);
-	account_values[0] = values[10];
-	FinalStates(b, set, &account_values[1]);
-
-	if (!PointsAppendRows(b, payloads, event_types, created_at, NULL, NULL))
+	d = palloc(sizeof(Datum) * n);
+	nulls = palloc(sizeof(bool) * n);
+	values[0] = Int64Array(b->user_id, n);
+	values[1] = Int64Array(b->user_seq, n);
+	for (i = 0; i < n; i++)
+		d[i] = CStringGetTextDatum(b->kind[i]);
+	values[2] = MakeArray(d, NULL, n, TEXTOID);
+	values[3] = Int64Array(b->amount, n);
+	values[4] = Int64Array(b->balance_after, n);
+	for (i = 0; i < n; i++)
 	{
-		d = palloc(sizeof(Datum) * n);
-		nulls = palloc(sizeof(bool) * n);
-		values[0] = Int64Array(b->user_id, n);
-		values[1] = Int64Array(b->user_seq, n);
-		for (i = 0; i < n; i++)
-			d[i] = CStringGetTextDatum(b->kind[i]);
-		values[2] = MakeArray(d, NULL, n, TEXTOID);
-		values[3] = Int64Array(b->amount, n);
-		values[4] = Int64Array(b->balance_after, n);
-		for (i = 0; i < n; i++)
-		{
-			nulls[i] = b->key[i] == NULL;
-			d[i] = PointerGetDatum(b->key[i]);
-		}
-		values[5] = MakeArray(d, nulls, n, TEXTOID);
-		for (i = 0; i < n; i++)
-		{
-			nulls[i] = b->reason[i] == NULL;
-			d[i] = PointerGetDatum(b->reason[i]);
-		}
-		values[6] = MakeArray(d, nulls, n, TEXTOID);
-		for (i = 0; i < n; i++)
-		{
-			nulls[i] = b->metadata[i] == (Datum) 0;
-			d[i] = b->metadata[i];
-		}
-		values[7] = MakeArray(d, nulls, n, JSONBOID);
-		for (i = 0; i < n; i++)
-		{
-			nulls[i] = b->lot_expires[i] == 0;
-			d[i] = TimestampTzGetDatum(b->lot_expires[i]);
-		}
-		values[8] = MakeArray(d, nulls, n, TIMESTAMPTZOID);
-		values[9] = Int64Array(tx_ids, n);
-		values[11] = MakeArray(payloads, NULL, n, JSONBOID);
-		values[12] = MakeArray(event_types, NULL, n, TEXTOID);
-		PointsPlanSet(&plan_batch,
-				   "WITH n AS ("
-				   "  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13)"
-				   "    WITH ORDINALITY AS n(user_id, user_seq, kind, amount, balance_after,"
-				   "                         key, reason, metadata, lot_expires, tx_id,"
-				   "                         payload, type, ord)),"
-				   " t AS ("
-				   "  INSERT INTO points.ledger (tx_id, user_id, user_seq, kind, amount,"
-				   "    balance_after, idempotency_key, cancels_tx, reason, metadata, created_at)"
-				   "  SELECT tx_id, user_id, user_seq, kind, amount, balance_after, key, NULL,"
-				   "         reason, metadata, $11 FROM n"
-				   "  RETURNING 1),"
-				   " l AS ("
-				   "  INSERT INTO points.lot (lot_id, user_id, amount, remaining, expires_at)"
-				   "  SELECT tx_id, user_id, amount, amount, lot_expires FROM n"
-				   "  WHERE lot_expires IS NOT NULL),"
-				   " o AS ("
-				   "  INSERT INTO points.outbox (id, aggregateid, type, payload, created_at)"
-				   "  SELECT tx_id, user_id::text, type, payload, $11 FROM n)"
-				   " SELECT count(*) FROM t",
-				   13, types);
-		PointsExecIndexed(plan_batch, values, NULL, false, 1);
-		if (PointsGetInt64(0, 1, NULL) != n)
-			elog(ERROR, "points: batch append wrote %lld of %d transactions",
-				 (long long) PointsGetInt64(0, 1, NULL), n);
+		nulls[i] = b->key[i] == NULL;
+		d[i] = PointerGetDatum(b->key[i]);
 	}
+	values[5] = MakeArray(d, nulls, n, TEXTOID);
+	for (i = 0; i < n; i++)
+	{
+		nulls[i] = b->reason[i] == NULL;
+		d[i] = PointerGetDatum(b->reason[i]);
+	}
+	values[6] = MakeArray(d, nulls, n, TEXTOID);
+	for (i = 0; i < n; i++)
+	{
+		nulls[i] = b->metadata[i] == (Datum) 0;
+		d[i] = b->metadata[i];
+	}
+	values[7] = MakeArray(d, nulls, n, JSONBOID);
+	for (i = 0; i < n; i++)
+	{
+		nulls[i] = b->lot_expires[i] == 0;
+		d[i] = TimestampTzGetDatum(b->lot_expires[i]);
+	}
+	values[8] = MakeArray(d, nulls, n, TIMESTAMPTZOID);
+	values[9] = Int64Array(b->tx_id, n);
+	values[11] = MakeArray(payloads, NULL, n, JSONBOID);
+	values[12] = MakeArray(event_types, NULL, n, TEXTOID);
+	PointsPlanSet(&plan_batch,
+			   "WITH n AS ("
+			   "  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13)"
+			   "    WITH ORDINALITY AS n(user_id, user_seq, kind, amount, balance_after,"
+			   "                         key, reason, metadata, lot_expires, tx_id,"
+			   "                         payload, type, ord)),"
+			   " t AS ("
+			   "  INSERT INTO points.ledger (tx_id, user_id, user_seq, kind, amount,"
+			   "    balance_after, idempotency_key, cancels_tx, reason, metadata, created_at)"
+			   "  SELECT tx_id, user_id, user_seq, kind, amount, balance_after, key, NULL,"
+			   "         reason, metadata, $11 FROM n"
+			   "  RETURNING 1),"
+			   " l AS ("
+			   "  INSERT INTO points.lot (lot_id, user_id, amount, remaining, expires_at)"
+			   "  SELECT tx_id, user_id, amount, amount, lot_expires FROM n"
+			   "  WHERE lot_expires IS NOT NULL),"
+			   " o AS ("
+			   "  INSERT INTO points.outbox (id, aggregateid, type, payload, created_at)"
+			   "  SELECT tx_id, user_id::text, type, payload, $11 FROM n)"
+			   " SELECT count(*) FROM t",
+			   13, types);
+	PointsExecIndexed(plan_batch, values, NULL, false, 1);
+	if (PointsGetInt64(0, 1, NULL) != n)
+		elog(ERROR, "points: batch append wrote %lld of %d transactions",
+			 (long long) PointsGetInt64(0, 1, NULL), n);
 
 	/* each account's final balance and user_seq; the new ones inserted */
+	account_values[0] = values[10];
+	FinalStates(written_accounts, nwritten, &account_values[1]);
 	PointsPlanSet(&plan_final_accounts,
 			   "WITH a AS ("
 			   "  UPDATE points.account a"
@@ -566,6 +688,51 @@ PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set, TimestampTz created_a
 	if (written != expected)
 		elog(ERROR, "points: batch append updated %lld of %lld accounts",
 			 (long long) written, (long long) expected);
+}
+
+/*
+ * PointsAppendBatch
+ *		Write every transaction of the batch, with its lot (earns), its
+ *		outbox event, and each account's final balance and user_seq (as the
+ *		caller left them in set).  On return b->tx_id[i] is the tx_id of
+ *		the i-th transaction.
+ *
+ * The rows go in directly (bulk.c) unless PointsBulkUsable says a table
+ * needs what only a statement does (triggers, rules, generated columns).
+ */
+void
+PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set, TimestampTz created_at)
+{
+	Datum	   *payloads;
+	Datum	   *event_types;
+	int64	   *tx_ids;
+	int			n = b->n;
+	int			i;
+	Oid			seq;
+	PointsAccountState *written_accounts;
+	int			nwritten;
+
+	if (n == 0)
+		return;
+	payloads = palloc(sizeof(Datum) * n);
+	event_types = palloc(sizeof(Datum) * n);
+	tx_ids = b->tx_id = palloc(sizeof(int64) * n);
+
+	/* tx_ids in batch order, so each user's grow with its user_seq */
+	seq = PointsRelid("tx_seq");
+	for (i = 0; i < n; i++)
+		tx_ids[i] = PointsNextTxId(seq);
+	for (i = 0; i < n; i++)
+	{
+		payloads[i] = PointsEventPayload(tx_ids[i], b->user_id[i], b->user_seq[i],
+										 b->kind[i], b->amount[i], b->balance_after[i],
+										 created_at, b->key[i], 0, b->reason[i],
+										 b->metadata[i]);
+		event_types[i] = CStringGetTextDatum(PointsEventType(b->kind[i]));
+	}
+	nwritten = Written(set, &written_accounts);
+	if (!PointsAppendRows(b, payloads, event_types, created_at, written_accounts, nwritten))
+		AppendBatchSQL(b, payloads, event_types, created_at, written_accounts, nwritten);
 	for (i = 0; i < n; i++)
 		points_call_points += b->amount[i] < 0 ? -b->amount[i] : b->amount[i];
 	PointsNoteEvent();

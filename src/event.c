@@ -88,96 +88,146 @@ EndBuild(MemoryContext outer, JsonbValue *res)
 	return JsonbPGetDatum(built);
 }
 
+/*
+ * An object's pairs set one by one, in jsonb's key order (shorter keys
+ * first, then bytewise): what pushJsonbValue would sort them into, without
+ * its parse state, growing arrays and sort.
+ */
 static void
-PushKey(JsonbParseState **st, const char *key)
+SetKey(JsonbPair *p, const char *key)
 {
-	JsonbValue	v;
-
-	v.type = jbvString;
-	v.val.string.val = (char *) key;
-	v.val.string.len = strlen(key);
-	(void) pushJsonbValue(st, WJB_KEY, &v);
+	p->key.type = jbvString;
+	p->key.val.string.val = (char *) key;
+	p->key.val.string.len = strlen(key);
+	p->order = 0;
 }
 
 static void
-PushInt(JsonbParseState **st, const char *key, int64 value, bool isnull)
+SetInt(JsonbPair *p, const char *key, int64 value, bool isnull)
 {
-	JsonbValue	v;
-
-	PushKey(st, key);
+	SetKey(p, key);
 	if (isnull)
-		v.type = jbvNull;
+		p->value.type = jbvNull;
 	else
 	{
-		v.type = jbvNumeric;
-		v.val.numeric = int64_to_numeric(value);
+		p->value.type = jbvNumeric;
+		p->value.val.numeric = int64_to_numeric(value);
 	}
-	(void) pushJsonbValue(st, WJB_VALUE, &v);
 }
 
 static void
-PushString(JsonbParseState **st, const char *key, const char *s, int len)
+SetString(JsonbPair *p, const char *key, const char *s, int len)
 {
-	JsonbValue	v;
-
-	PushKey(st, key);
+	SetKey(p, key);
 	if (s == NULL)
-		v.type = jbvNull;
+		p->value.type = jbvNull;
 	else
 	{
-		v.type = jbvString;
-		v.val.string.val = (char *) s;
-		v.val.string.len = len;
+		p->value.type = jbvString;
+		p->value.val.string.val = (char *) s;
+		p->value.val.string.len = len;
 	}
-	(void) pushJsonbValue(st, WJB_VALUE, &v);
 }
 
 static void
-PushText(JsonbParseState **st, const char *key, text *t)
+SetText(JsonbPair *p, const char *key, text *t)
 {
 	if (t == NULL)
-		PushString(st, key, NULL, 0);
+		SetString(p, key, NULL, 0);
 	else
 	{
 		text	   *u = pg_detoast_datum_packed(t);
 
-		PushString(st, key, VARDATA_ANY(u), VARSIZE_ANY_EXHDR(u));
+		SetString(p, key, VARDATA_ANY(u), VARSIZE_ANY_EXHDR(u));
 	}
 }
 
-/* a jsonb value (object, array or scalar) as the value of key */
+static JsonbValue *
+MakeObject(JsonbPair *pairs, int n)
+{
+	JsonbValue *v = palloc(sizeof(JsonbValue));
+
+	v->type = jbvObject;
+	v->val.object.nPairs = n;
+	v->val.object.pairs = pairs;
+	return v;
+}
+
+/*
+ * TreeOf
+ *		The container that the iterator just opened (tok, v: its
+ *		WJB_BEGIN_OBJECT or WJB_BEGIN_ARRAY) as a tree of JsonbValues, its
+ *		strings and numerics pointing into the jsonb.  The jsonb's keys are
+ *		sorted and unique already: no parse state to sort them again.
+ */
 static void
-PushJsonb(JsonbParseState **st, const char *key, Datum value)
+TreeOf(JsonbIterator **it, JsonbIteratorToken tok, JsonbValue *v)
+{
+	JsonbValue	x;
+
+	if (tok == WJB_BEGIN_OBJECT)
+	{
+		int			n = v->val.object.nPairs;
+		JsonbPair  *pairs = palloc(sizeof(JsonbPair) * (n + 1));
+
+		for (int i = 0; i < n; i++)
+		{
+			if (JsonbIteratorNext(it, &pairs[i].key, false) != WJB_KEY)
+				elog(ERROR, "points: bad jsonb object");
+			pairs[i].order = i;
+			tok = JsonbIteratorNext(it, &x, false);
+			if (tok == WJB_BEGIN_OBJECT || tok == WJB_BEGIN_ARRAY)
+				TreeOf(it, tok, &x);
+			pairs[i].value = x;
+		}
+		v->val.object.pairs = pairs;
+	}
+	else
+	{
+		int			n = v->val.array.nElems;
+		JsonbValue *elems = palloc(sizeof(JsonbValue) * (n + 1));
+
+		for (int i = 0; i < n; i++)
+		{
+			tok = JsonbIteratorNext(it, &x, false);
+			if (tok == WJB_BEGIN_OBJECT || tok == WJB_BEGIN_ARRAY)
+				TreeOf(it, tok, &x);
+			elems[i] = x;
+		}
+		v->val.array.elems = elems;
+	}
+	tok = JsonbIteratorNext(it, &x, false);	/* its end */
+	if (tok != WJB_END_OBJECT && tok != WJB_END_ARRAY)
+		elog(ERROR, "points: bad jsonb container");
+}
+
+/*
+ * Tree
+ *		A jsonb value (object, array or scalar; (Datum) 0 for SQL NULL, a
+ *		JSON null) as a JsonbValue, to become part of another.
+ */
+static JsonbValue *
+Tree(Datum value)
 {
 	Jsonb	   *jb;
-	JsonbValue	v;
+	JsonbValue *res = palloc(sizeof(JsonbValue));
 	JsonbIterator *it;
-	JsonbIteratorToken tok;
 
-	PushKey(st, key);
 	if (value == (Datum) 0)
 	{
-		v.type = jbvNull;
-		(void) pushJsonbValue(st, WJB_VALUE, &v);
-		return;
+		res->type = jbvNull;
+		return res;
 	}
 	jb = DatumGetJsonbP(value);
 	if (JB_ROOT_IS_SCALAR(jb))
 	{
-		if (!JsonbExtractScalar(&jb->root, &v))
+		if (!JsonbExtractScalar(&jb->root, res))
 			elog(ERROR, "points: bad scalar jsonb");
-		(void) pushJsonbValue(st, WJB_VALUE, &v);
-		return;
+		return res;
 	}
 	it = JsonbIteratorInit(&jb->root);
-	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
-	{
-		if (tok == WJB_END_ARRAY || tok == WJB_END_OBJECT ||
-			tok == WJB_BEGIN_ARRAY || tok == WJB_BEGIN_OBJECT)
-			(void) pushJsonbValue(st, tok, NULL);
-		else
-			(void) pushJsonbValue(st, tok, &v);
-	}
+	TreeOf(&it, JsonbIteratorNext(&it, res, false), res);
+	return res;
 }
 
 /*
@@ -212,27 +262,27 @@ PointsEventPayload(int64 tx_id, int64 user_id, int64 user_seq,
 				   TimestampTz occurred_at, text *key, int64 cancels_tx,
 				   text *reason, Datum metadata)
 {
-	JsonbParseState *st = NULL;
 	const char *type = PointsEventType(kind);
 	char		when[40];
 	int			len = PointsFormatTime(occurred_at, when);
 	MemoryContext outer = BeginBuild();
+	JsonbPair  *p = palloc(sizeof(JsonbPair) * 13);
 
-	(void) pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
-	PushInt(&st, "event_id", tx_id, false);
-	PushString(&st, "type", type, strlen(type));
-	PushInt(&st, "user_id", user_id, false);
-	PushInt(&st, "user_seq", user_seq, false);
-	PushInt(&st, "tx_id", tx_id, false);
-	PushString(&st, "kind", kind, strlen(kind));
-	PushInt(&st, "amount", amount, false);
-	PushInt(&st, "balance_after", balance_after, false);
-	PushString(&st, "occurred_at", when, len);
-	PushText(&st, "idempotency_key", key);
-	PushInt(&st, "cancels_tx", cancels_tx, cancels_tx == 0);
-	PushText(&st, "reason", reason);
-	PushJsonb(&st, "metadata", metadata);
-	return EndBuild(outer, pushJsonbValue(&st, WJB_END_OBJECT, NULL));
+	SetString(&p[0], "kind", kind, strlen(kind));
+	SetString(&p[1], "type", type, strlen(type));
+	SetInt(&p[2], "tx_id", tx_id, false);
+	SetInt(&p[3], "amount", amount, false);
+	SetText(&p[4], "reason", reason);
+	SetInt(&p[5], "user_id", user_id, false);
+	SetInt(&p[6], "event_id", tx_id, false);
+	SetKey(&p[7], "metadata");
+	p[7].value = *Tree(metadata);
+	SetInt(&p[8], "user_seq", user_seq, false);
+	SetInt(&p[9], "cancels_tx", cancels_tx, cancels_tx == 0);
+	SetString(&p[10], "occurred_at", when, len);
+	SetInt(&p[11], "balance_after", balance_after, false);
+	SetText(&p[12], "idempotency_key", key);
+	return EndBuild(outer, MakeObject(p, 13));
 }
 
 /*
@@ -243,20 +293,24 @@ PointsEventPayload(int64 tx_id, int64 user_id, int64 user_seq,
 Datum
 PointsLotsMetadata(const int64 *lot_ids, const int64 *amounts, int n)
 {
-	JsonbParseState *st = NULL;
 	MemoryContext outer = BeginBuild();
-	int			i;
+	JsonbValue *lots = palloc(sizeof(JsonbValue));
+	JsonbPair  *top = palloc(sizeof(JsonbPair));
+	JsonbPair  *p = palloc(sizeof(JsonbPair) * 2 * (n + 1));
 
-	(void) pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
-	PushKey(&st, "lots");
-	(void) pushJsonbValue(&st, WJB_BEGIN_ARRAY, NULL);
-	for (i = 0; i < n; i++)
+	lots->type = jbvArray;
+	lots->val.array.nElems = n;
+	lots->val.array.rawScalar = false;
+	lots->val.array.elems = palloc(sizeof(JsonbValue) * (n + 1));
+	for (int i = 0; i < n; i++)
 	{
-		(void) pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
-		PushInt(&st, "lot_id", lot_ids[i], false);
-		PushInt(&st, "amount", amounts[i], false);
-		(void) pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+		SetInt(&p[2 * i], "amount", amounts[i], false);
+		SetInt(&p[2 * i + 1], "lot_id", lot_ids[i], false);
+		lots->val.array.elems[i].type = jbvObject;
+		lots->val.array.elems[i].val.object.nPairs = 2;
+		lots->val.array.elems[i].val.object.pairs = &p[2 * i];
 	}
-	(void) pushJsonbValue(&st, WJB_END_ARRAY, NULL);
-	return EndBuild(outer, pushJsonbValue(&st, WJB_END_OBJECT, NULL));
+	SetKey(&top[0], "lots");
+	top[0].value = *lots;
+	return EndBuild(outer, MakeObject(top, 1));
 }

@@ -18,11 +18,23 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/pg_am.h"
 #include "catalog/pg_type.h"
 #include "common/int.h"
+#include "miscadmin.h"
+#include "parser/parse_relation.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "points.h"
@@ -33,67 +45,142 @@ static SPIPlanPtr plan_due_users;
 static SPIPlanPtr plan_due_lots;
 static SPIPlanPtr plan_empty_lots;
 
-/*
- * points_expire_due
- *		points.expire_due(max_lots): expire at most max_lots due lots now,
- *		soonest-expired first; returns how many were expired.  Run it again
- *		while it returns more than zero (or leave it to the worker).
- *
- * Set-based: one statement finds the users, one reads their accounts, one
- * reads their due lots, one empties those lots, and one (batch.c) writes
- * every expire transaction.
- */
-static Datum
-ExpireDueImpl(PG_FUNCTION_ARGS)
+/* a due lot of a locked user */
+typedef struct DueLot
 {
-	int32		max_lots = PointsArgPositiveInt32(fcinfo, 0, "max_lots");
-	TimestampTz now = GetCurrentTimestamp();
-	static const Oid types[3] = {TIMESTAMPTZOID, INT4OID, INT4OID};
-	static const Oid lot_types[3] = {INT8ARRAYOID, TIMESTAMPTZOID, INT4OID};
-	static const Oid empty_types[1] = {TIDARRAYOID};
-	Datum		values[3];
-	Datum		empty_values[1];
-	Datum	   *tids;
-	SPITupleTable *due;
-	PointsAccountSet set;
-	PointsTxBatch batch = {0};
-	uint64		i;
-	int64		nlots;
-	int64	   *lot_ids;
-	int64	   *amounts;
+	int64		user_id;
+	int64		lot_id;
+	int64		remaining;
+	TimestampTz expires_at;
+	ItemPointerData tid;		/* the version read */
+} DueLot;
 
-	values[0] = TimestampTzGetDatum(now);
-	values[1] = Int32GetDatum(max_lots);
-	values[2] = Int32GetDatum(POINTS_BATCH_MAX_USERS);
+/* soonest first */
+static int
+CompareDue(const void *a, const void *b)
+{
+	const DueLot *x = a;
+	const DueLot *y = b;
 
-	SPI_connect();
-	PointsPlan(&plan_due_users,
-			   "SELECT user_id FROM ("
-			   "  SELECT user_id, expires_at FROM points.lot"
-			   "  WHERE remaining > 0 AND expires_at <= $1"
-			   "  ORDER BY expires_at LIMIT $2) d"
-			   " GROUP BY user_id ORDER BY min(expires_at) LIMIT $3",
-			   3, types);
-	PointsExec(plan_due_users, values, NULL, false, 0);
+	if (x->expires_at != y->expires_at)
+		return x->expires_at < y->expires_at ? -1 : 1;
+	return x->lot_id < y->lot_id ? -1 : x->lot_id > y->lot_id ? 1 : 0;
+}
 
-	if (!PointsLockBatchUsers(false, now, SPI_processed, NULL, &set))
+/* by user, then soonest first */
+static int
+CompareUserDue(const void *a, const void *b)
+{
+	const DueLot *x = a;
+	const DueLot *y = b;
+
+	if (x->user_id != y->user_id)
+		return x->user_id < y->user_id ? -1 : 1;
+	return CompareDue(a, b);
+}
+
+/*
+ * ScanDueLots
+ *		The due lots of each locked user, read directly through
+ *		lot_user_idx (one index range a user, in its order: expires_at,
+ *		lot_id), at most max_lots a user; the soonest max_lots of them all
+ *		are kept, by user.  Returns how many, in *out.  What the statement
+ *		of ReadDueLots returns, without its executor nodes, sorts and
+ *		tuple copies (a fifth of an expiry's work).
+ */
+static int64
+ScanDueLots(Relation lot, Relation index, PointsAccountSet *set,
+			TimestampTz now, int32 max_lots, DueLot **out)
+{
+	AttrNumber	a_lot = attnameAttNum(lot, "lot_id", false),
+				a_user = attnameAttNum(lot, "user_id", false),
+				a_remaining = attnameAttNum(lot, "remaining", false),
+				a_expires = attnameAttNum(lot, "expires_at", false);
+	TupleTableSlot *slot = table_slot_create(lot, NULL);
+	IndexScanDesc scan;
+	ScanKeyData keys[2];
+	int64		cap = Min((int64) set->n * 8, max_lots) + 1;
+	int64		n = 0;
+	DueLot	   *due = palloc(sizeof(DueLot) * cap);
+
+	if (a_lot <= 0 || a_user <= 0 || a_remaining <= 0 || a_expires <= 0)
+		elog(ERROR, "points: a column of points.lot is missing");
+	scan = index_beginscan(lot, index, GetActiveSnapshot(), 2, 0);
+	for (int u = 0; u < set->n; u++)
 	{
-		SPI_finish();
-		PG_RETURN_INT64(0);
-	}
+		int64		user_id = set->accounts[u].user_id;
+		int64		taken = 0;
 
-	/*
-	 * Their due lots, soonest first, each user's read through lot_user_idx
-	 * (the LIMIT in the lateral subquery keeps it a per-user index range
-	 * whatever the statistics say; an index scan in its order, not a
-	 * bitmap scan and a sort), then emptied by ctid.  The users
-	 * are locked: no one else changes their lots in between.
-	 */
-	values[0] = set.users;
+		ScanKeyInit(&keys[0], 1, BTEqualStrategyNumber, F_INT8EQ,
+					Int64GetDatum(user_id));
+		ScanKeyInit(&keys[1], 2, BTLessEqualStrategyNumber, F_TIMESTAMPTZ_LE,
+					TimestampTzGetDatum(now));
+		index_rescan(scan, keys, 2, NULL, 0);
+		while (taken < max_lots &&
+			   index_getnext_slot(scan, ForwardScanDirection, slot))
+		{
+			bool		isnull;
+			DueLot	   *d;
+			int64		remaining = DatumGetInt64(slot_getattr(slot, a_remaining, &isnull));
+			TimestampTz expires_at;
+
+			/* the index's predicate and range, checked on the version */
+			if (isnull || remaining <= 0)
+				continue;
+			expires_at = DatumGetTimestampTz(slot_getattr(slot, a_expires, &isnull));
+			if (isnull || expires_at > now ||
+				DatumGetInt64(slot_getattr(slot, a_user, &isnull)) != user_id)
+				continue;
+			if (n == cap)
+			{
+				cap *= 2;
+				due = repalloc_huge(due, sizeof(DueLot) * cap);
+			}
+			d = &due[n++];
+			d->user_id = user_id;
+			d->lot_id = DatumGetInt64(slot_getattr(slot, a_lot, &isnull));
+			d->remaining = remaining;
+			d->expires_at = expires_at;
+			d->tid = slot->tts_tid;
+			taken++;
+			CHECK_FOR_INTERRUPTS();
+		}
+	}
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+
+	/* users in user_id order, each one's lots in index order: sorted */
+	if (n > max_lots)
+	{
+		qsort(due, n, sizeof(DueLot), CompareDue);
+		n = max_lots;
+		qsort(due, n, sizeof(DueLot), CompareUserDue);
+	}
+	*out = due;
+	return n;
+}
+
+/*
+ * ReadDueLots
+ *		ScanDueLots through SQL, for when the lot table or its index is not
+ *		what the direct read expects.  The LIMIT in the lateral subquery
+ *		keeps each user's read a range of lot_user_idx whatever the
+ *		statistics say (an index scan in its order, not a bitmap scan and a
+ *		sort).
+ */
+static int64
+ReadDueLots(PointsAccountSet *set, TimestampTz now, int32 max_lots, DueLot **out)
+{
+	static const Oid lot_types[3] = {INT8ARRAYOID, TIMESTAMPTZOID, INT4OID};
+	Datum		values[3];
+	int64		n;
+	DueLot	   *due;
+
+	values[0] = set->users;
 	values[1] = TimestampTzGetDatum(now);
 	values[2] = Int32GetDatum(max_lots);
 	PointsPlanSet(&plan_due_lots,
-			   "SELECT lot_id, user_id, remaining, tid FROM ("
+			   "SELECT lot_id, user_id, remaining, tid, expires_at FROM ("
 			   "  SELECT l.lot_id, l.user_id, l.remaining, l.expires_at, l.tid"
 			   "  FROM unnest($1) u(user_id),"
 			   "       LATERAL (SELECT lot_id, user_id, remaining, expires_at, ctid AS tid"
@@ -105,23 +192,86 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 			   " ORDER BY user_id, expires_at, lot_id",
 			   3, lot_types);
 	PointsExecPerKey(plan_due_lots, values, NULL, false, 0);
-	nlots = (int64) SPI_processed;
-	if (nlots == 0)
-	{
-		SPI_finish();
-		PG_RETURN_INT64(0);
-	}
-	due = SPI_tuptable;
-	tids = palloc(sizeof(Datum) * nlots);
-	for (i = 0; i < (uint64) nlots; i++)
+	n = (int64) SPI_processed;
+	due = palloc(sizeof(DueLot) * (n + 1));
+	for (int64 i = 0; i < n; i++)
 	{
 		bool		isnull;
 
-		tids[i] = SPI_getbinval(due->vals[i], due->tupdesc, 4, &isnull);
+		due[i].lot_id = PointsGetInt64(i, 1, NULL);
+		due[i].user_id = PointsGetInt64(i, 2, NULL);
+		due[i].remaining = PointsGetInt64(i, 3, NULL);
+		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(SPI_tuptable->vals[i],
+																 SPI_tuptable->tupdesc,
+																 4, &isnull)),
+						&due[i].tid);
+		due[i].expires_at = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[i],
+															  SPI_tuptable->tupdesc,
+															  5, &isnull));
 	}
-	empty_values[0] = PointerGetDatum(construct_array(tids, (int) nlots, TIDOID,
+	*out = due;
+	return n;
+}
+
+/*
+ * EmptyDueLots
+ *		Read the due lots of the locked users (at most max_lots, soonest
+ *		first; returned in *out by user) and set their remaining to 0.
+ *		Directly where the lot table allows (bulk.c: no triggers or rules)
+ *		and lot_user_idx is valid: an index range a user, then each row's
+ *		next version written by ctid.  Otherwise by two statements.  The
+ *		users are locked: no one else changes their lots in between, and
+ *		the versions read are the latest.
+ */
+static int64
+EmptyDueLots(PointsAccountSet *set, TimestampTz now, int32 max_lots, DueLot **out)
+{
+	static const char *const remaining[1] = {"remaining"};
+	static const Oid empty_types[1] = {TIDARRAYOID};
+	Datum		zero = Int64GetDatum(0);
+	Oid			relid = PointsRelid("lot");
+	PointsBulk *bulk = palloc(sizeof(PointsBulk));
+	Relation	index;
+	DueLot	   *due;
+	Datum	   *tids;
+	Datum		empty_values[1];
+	int64		n = 0;
+	bool		direct;
+
+	PointsBulkBegin(bulk, &relid, 1);
+	index = PointsOpenIndex(bulk->tables[0].rel, "lot_user_idx", "user_id", "expires_at");
+	direct = index != NULL && PointsBulkUsable(bulk);
+	if (direct)
+	{
+		/* a snapshot that sees what committed before the users were locked */
+		CommandCounterIncrement();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		n = ScanDueLots(bulk->tables[0].rel, index, set, now, max_lots, &due);
+		for (int64 i = 0; i < n; i++)
+			PointsBulkUpdate(bulk, 0, &due[i].tid, 1, remaining, &zero, NULL);
+		PopActiveSnapshot();
+	}
+	if (index)
+		index_close(index, NoLock);
+	PointsBulkEnd(bulk);
+	pfree(bulk);
+	if (direct)
+	{
+		*out = due;
+		return n;
+	}
+
+	n = ReadDueLots(set, now, max_lots, &due);
+	*out = due;
+	if (n == 0)
+		return 0;
+	tids = palloc(sizeof(Datum) * n);
+	for (int64 i = 0; i < n; i++)
+		tids[i] = PointerGetDatum(&due[i].tid);
+	empty_values[0] = PointerGetDatum(construct_array(tids, (int) n, TIDOID,
 													  sizeof(ItemPointerData), false,
 													  TYPALIGN_SHORT));
+
 	/*
 	 * By ctid, a TID scan: the rows cannot move while their users are ours.
 	 * The planner prices a fetch of 10,000 tids as 10,000 random reads and
@@ -131,9 +281,146 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 			   "UPDATE points.lot SET remaining = 0 WHERE ctid = ANY($1)",
 			   1, empty_types);
 	PointsExecIndexed(plan_empty_lots, empty_values, NULL, false, 0);
-	if (SPI_processed != (uint64) nlots)
+	if (SPI_processed != (uint64) n)
 		elog(ERROR, "points: %llu of %lld due lots could be expired",
-			 (unsigned long long) SPI_processed, (long long) nlots);
+			 (unsigned long long) SPI_processed, (long long) n);
+	return n;
+}
+
+/*
+ * Where this backend's next search for due lots starts: the expires_at of
+ * the first due lot the last search saw.  Everything before it was
+ * expired (or not due) then, and the index entries of expired lots stay
+ * in lot_due_idx until vacuum: a search from the start would step over
+ * every lot expired since, once per call (a backlog of a million lots made
+ * that a quadratic walk).  New lots expire in the future; a lot can become
+ * due again before the hint only when a cancelled use gives points back to
+ * an expired lot, so a search that finds nothing past the hint looks once
+ * from the start.  Expiry is exact without the job: such points are only
+ * written as expired a little later.
+ */
+static bool scan_from_set = false;
+static TimestampTz scan_from;
+
+/* the predicate of lot_due_idx (remaining > 0), on a version */
+static bool
+LotHasPoints(TupleTableSlot *slot, void *arg)
+{
+	bool		isnull;
+	Datum		remaining = slot_getattr(slot, *(AttrNumber *) arg, &isnull);
+
+	return !isnull && DatumGetInt64(remaining) > 0;
+}
+
+/*
+ * FindDueUsers
+ *		The users of the soonest-expired due lots, in the order of their
+ *		first lot, at most POINTS_BATCH_MAX_USERS of them among the first
+ *		max_lots due lots.  Read directly from lot_due_idx: the search
+ *		stops at the last user it needs, and starts at the hint above.
+ *		Returns how many, in *out.
+ */
+static int64
+FindDueUsers(TimestampTz now, int32 max_lots, int64 **out)
+{
+	static const Oid types[3] = {TIMESTAMPTZOID, INT4OID, INT4OID};
+	Oid			relid = PointsRelid("lot");
+	Relation	lot = table_open(relid, AccessShareLock);
+	Relation	index = PointsOpenIndex(lot, "lot_due_idx", "expires_at", NULL);
+	int64	   *users = palloc(sizeof(int64) * (POINTS_BATCH_MAX_USERS + 1));
+	int64		n = 0;
+
+	if (index)
+	{
+		ScanKeyData keys[2];
+		Datum	   *first = palloc(sizeof(Datum) * (POINTS_BATCH_MAX_USERS + 1));
+		AttrNumber	a_remaining = attnameAttNum(lot, "remaining", false);
+		int64		rows;
+
+		for (bool from_hint = scan_from_set;; from_hint = false)
+		{
+			ScanKeyInit(&keys[0], 1, BTLessEqualStrategyNumber, F_TIMESTAMPTZ_LE,
+						TimestampTzGetDatum(now));
+			ScanKeyInit(&keys[1], 1, BTGreaterEqualStrategyNumber, F_TIMESTAMPTZ_GE,
+						TimestampTzGetDatum(from_hint ? scan_from : DT_NOBEGIN));
+			n = PointsFirstUsers(lot, index, keys, 2, LotHasPoints, &a_remaining,
+								 attnameAttNum(lot, "user_id", false),
+								 attnameAttNum(lot, "expires_at", false),
+								 max_lots, POINTS_BATCH_MAX_USERS, users, first, &rows);
+			if (rows > 0 || !from_hint)
+				break;
+			/* nothing past the hint: from the start */
+		}
+		scan_from_set = n > 0;
+		if (n > 0)
+			scan_from = DatumGetTimestampTz(first[0]);
+	}
+	else
+	{
+		Datum		values[3];
+
+		values[0] = TimestampTzGetDatum(now);
+		values[1] = Int32GetDatum(max_lots);
+		values[2] = Int32GetDatum(POINTS_BATCH_MAX_USERS);
+		PointsPlan(&plan_due_users,
+				   "SELECT user_id FROM ("
+				   "  SELECT user_id, expires_at FROM points.lot"
+				   "  WHERE remaining > 0 AND expires_at <= $1"
+				   "  ORDER BY expires_at LIMIT $2) d"
+				   " GROUP BY user_id ORDER BY min(expires_at) LIMIT $3",
+				   3, types);
+		PointsExec(plan_due_users, values, NULL, false, 0);
+		for (uint64 i = 0; i < SPI_processed; i++)
+			users[n++] = PointsGetInt64(i, 1, NULL);
+	}
+	if (index)
+		index_close(index, NoLock);
+	table_close(lot, NoLock);
+	*out = users;
+	return n;
+}
+
+/*
+ * points_expire_due
+ *		points.expire_due(max_lots): expire at most max_lots due lots now,
+ *		soonest-expired first; returns how many were expired.  Run it again
+ *		while it returns more than zero (or leave it to the worker).
+ *
+ * Set-based: the users are found (FindDueUsers), one statement reads
+ * their accounts; their due lots are read and emptied, and every expire
+ * transaction is written (batch.c), directly where the tables allow.
+ */
+static Datum
+ExpireDueImpl(PG_FUNCTION_ARGS)
+{
+	int32		max_lots = PointsArgPositiveInt32(fcinfo, 0, "max_lots");
+	TimestampTz now = GetCurrentTimestamp();
+	int64	   *users;
+	int64		nusers;
+	DueLot	   *due;
+	PointsAccountSet set;
+	PointsTxBatch batch = {0};
+	int64		i;
+	int64		nlots;
+	int64	   *lot_ids;
+	int64	   *amounts;
+	MemoryContext outer;
+
+	SPI_connect();
+	nusers = FindDueUsers(now, max_lots, &users);
+	if (!PointsLockBatchUsers(false, now, users, nusers, nusers, NULL, &set))
+	{
+		SPI_finish();
+		PG_RETURN_INT64(0);
+	}
+	outer = PointsArenaEnter();
+	nlots = EmptyDueLots(&set, now, max_lots, &due);
+	if (nlots == 0)
+	{
+		PointsArenaLeave(outer);
+		SPI_finish();
+		PG_RETURN_INT64(0);
+	}
 
 	/*
 	 * One expire transaction per user for the lots of that user due now (in
@@ -142,18 +429,17 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 	 */
 	lot_ids = palloc(sizeof(int64) * POINTS_EXPIRE_MAX_LOTS);
 	amounts = palloc(sizeof(int64) * POINTS_EXPIRE_MAX_LOTS);
-	for (i = 0; i < (uint64) nlots;)
+	for (i = 0; i < nlots;)
 	{
-		int64		user_id = PointsGetInt64Of(due, i, 2, NULL);
+		int64		user_id = due[i].user_id;
 		PointsAccountState *a = PointsFindAccount(&set, user_id);
 		int64		total = 0;
 		int			n = 0;
 
-		for (; i < (uint64) nlots && n < POINTS_EXPIRE_MAX_LOTS &&
-			 PointsGetInt64Of(due, i, 2, NULL) == user_id; i++, n++)
+		for (; i < nlots && n < POINTS_EXPIRE_MAX_LOTS && due[i].user_id == user_id; i++, n++)
 		{
-			lot_ids[n] = PointsGetInt64Of(due, i, 1, NULL);
-			amounts[n] = PointsGetInt64Of(due, i, 3, NULL);
+			lot_ids[n] = due[i].lot_id;
+			amounts[n] = due[i].remaining;
 			if (pg_add_s64_overflow(total, amounts[n], &total))
 				elog(ERROR, "points: the due lots of user %lld overflow bigint",
 					 (long long) user_id);	/* their sum is the balance's part */
@@ -165,6 +451,7 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 					   PointsLotsMetadata(lot_ids, amounts, n), 0);
 	}
 	PointsAppendBatch(&batch, &set, now);
+	PointsArenaLeave(outer);
 	SPI_finish();
 	PG_RETURN_INT64(nlots);
 }

@@ -219,7 +219,7 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 			   TimestampTz created_at, TimestampTz lot_expires_at,
 			   bool make_lot, PointsTxRow *row)
 {
-	Datum		account_values[3];
+	PointsAccountState account;
 	int64		balance_after;
 	int64		user_seq = acct->last_seq + 1;
 	int64		tx_id;
@@ -263,9 +263,12 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 	row->values[10] = TimestampTzGetDatum(created_at);
 	row->values[11] = BoolGetDatum(false);
 
-	account_values[0] = Int64GetDatum(balance_after);
-	account_values[1] = Int64GetDatum(user_seq);
-	account_values[2] = TimestampTzGetDatum(created_at);
+	account.user_id = user_id;
+	account.balance = balance_after;
+	account.last_seq = user_seq;
+	account.read_seq = acct->last_seq;
+	account.is_new = false;
+	account.tid = acct->tid;
 
 	/* a batch of one for the direct insert */
 	one.n = 1;
@@ -281,8 +284,10 @@ PointsAppendTx(PointsAccount *acct, int64 user_id, const char *kind,
 	one.cancels_tx = &cancels_tx;
 	one.tx_id = &tx_id;
 	/* the account row read under the user lock gets its next version */
-	if (!ItemPointerIsValid(&acct->tid) ||
-		!PointsAppendRows(&one, &payload, &type, created_at, &acct->tid, account_values))
+	if (ItemPointerIsValid(&acct->tid) &&
+		PointsAppendRows(&one, &payload, &type, created_at, &account, 1))
+		acct->tid = account.tid;
+	else
 	{
 		AppendTxSQL(row, make_lot, lot_expires_at, payload, type);
 		ItemPointerSetInvalid(&acct->tid);

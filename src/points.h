@@ -19,6 +19,7 @@
 
 #include "postgres.h"
 
+#include "access/skey.h"
 #include "executor/spi.h"
 #include "nodes/execnodes.h"
 #include "fmgr.h"
@@ -229,7 +230,9 @@ typedef struct PointsAccountState
 	int64		user_id;
 	int64		balance;
 	int64		last_seq;
+	int64		read_seq;		/* last_seq as read: the batch wrote if it grew */
 	bool		is_new;			/* no account row yet: the append makes it */
+	ItemPointerData tid;		/* where its row is (the version read) */
 } PointsAccountState;
 
 typedef struct PointsAccountSet
@@ -239,9 +242,17 @@ typedef struct PointsAccountSet
 	PointsAccountState *accounts;
 } PointsAccountSet;
 
-extern bool PointsLockBatchUsers(bool create, TimestampTz now, uint64 max_rows,
-								 bool *got, PointsAccountSet *set);
+extern bool PointsLockBatchUsers(bool create, TimestampTz now, const int64 *cand,
+								 uint64 ncand, uint64 max_rows, bool *got,
+								 PointsAccountSet *set);
 extern PointsAccountState *PointsFindAccount(PointsAccountSet *set, int64 user_id);
+extern Relation PointsOpenIndex(Relation rel, const char *name, const char *col1,
+							   const char *col2);
+typedef bool (*PointsRowCheck) (TupleTableSlot *slot, void *arg);
+extern int	PointsFirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
+							 PointsRowCheck check, void *arg, AttrNumber user_att,
+							 AttrNumber key_att, int64 max_rows, int max_users,
+							 int64 *users, Datum *first, int64 *rows);
 extern void PointsBatchAdd(PointsTxBatch *b, int64 user_id, int64 user_seq,
 						   const char *kind, int64 amount, int64 balance_after,
 						   text *key, text *reason, Datum metadata,
@@ -249,8 +260,8 @@ extern void PointsBatchAdd(PointsTxBatch *b, int64 user_id, int64 user_seq,
 extern void PointsAppendBatch(PointsTxBatch *b, PointsAccountSet *set,
 							  TimestampTz created_at);
 extern bool PointsAppendRows(PointsTxBatch *b, Datum *payloads, Datum *types,
-							 TimestampTz created_at, ItemPointer account_tid,
-							 const Datum *account_values);
+							 TimestampTz created_at, PointsAccountState *accounts,
+							 int naccounts);
 
 /* bulk.c: many rows into the extension's tables, without the executor */
 #define POINTS_BULK_MAX_TABLES		4
@@ -267,6 +278,8 @@ typedef struct PointsBulkTable
 	struct Compiled *compiled;	/* where they come from, if cached */
 	int			n;				/* buffered rows */
 	TupleTableSlot *slots[POINTS_BULK_CHUNK];
+	TupleTableSlot *old_version;	/* PointsBulkUpdate's, made on first use */
+	TupleTableSlot *new_version;
 } PointsBulkTable;
 
 typedef struct PointsBulk
@@ -277,6 +290,8 @@ typedef struct PointsBulk
 	PointsBulkTable tables[POINTS_BULK_MAX_TABLES];
 } PointsBulk;
 
+extern MemoryContext PointsArenaEnter(void);
+extern void PointsArenaLeave(MemoryContext outer);
 extern void PointsBulkBegin(PointsBulk *bulk, const Oid *relids, int n);
 extern bool PointsBulkUsable(PointsBulk *bulk);
 extern AttrNumber PointsBulkAttnum(PointsBulk *bulk, int i, const char *name);
@@ -284,6 +299,7 @@ extern TupleTableSlot *PointsBulkSlot(PointsBulk *bulk, int i);
 extern void PointsBulkAdd(PointsBulk *bulk, int i);
 extern void PointsBulkEnd(PointsBulk *bulk);
 extern void PointsBulkUpdate(PointsBulk *bulk, int i, ItemPointer tid, int n,
-							 const char *const *columns, const Datum *values);
+							 const char *const *columns, const Datum *values,
+							 const bool *nulls);
 
 #endif							/* POINTS_H */

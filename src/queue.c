@@ -25,15 +25,20 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
 #include "access/htup_details.h"
+#include "access/stratnum.h"
+#include "access/table.h"
 #include "access/xact.h"
 #include "catalog/index.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "common/int.h"
+#include "parser/parse_relation.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/hsearch.h"
 #include "utils/lsyscache.h"
 #include "storage/lmgr.h"
@@ -214,6 +219,170 @@ RequestStatsStale(double users_seen)
 									  ShareUpdateExclusiveLock);
 }
 
+/* the predicate of request_queued_idx (state = 'queued'), on a version */
+static bool
+RequestQueued(TupleTableSlot *slot, void *arg)
+{
+	bool		isnull;
+	Datum		state = slot_getattr(slot, *(AttrNumber *) arg, &isnull);
+	text	   *t;
+
+	if (isnull)
+		return false;
+	t = DatumGetTextPP(state);
+	return VARSIZE_ANY_EXHDR(t) == 6 && memcmp(VARDATA_ANY(t), "queued", 6) == 0;
+}
+
+/*
+ * FindQueuedUsers
+ *		The users of the oldest queued requests from the hint on (below), in
+ *		the order of their oldest, at most POINTS_BATCH_MAX_USERS + 1 of
+ *		them among the first max_requests requests; *min_id gets each one's
+ *		oldest request_id.  Read directly from request_queued_idx where it
+ *		is valid: the search stops at the last user it needs.  Returns how
+ *		many.
+ */
+static uint64
+FindQueuedUsers(int32 max_requests, int64 **users, int64 **min_id)
+{
+	static const Oid t_users[3] = {INT4OID, INT4OID, INT8OID};
+	Oid			relid = PointsRelid("request");
+	Relation	request = table_open(relid, AccessShareLock);
+	Relation	index = PointsOpenIndex(request, "request_queued_idx", "request_id", NULL);
+	int			max_users = POINTS_BATCH_MAX_USERS + 1;
+	uint64		n = 0;
+
+	*users = palloc(sizeof(int64) * (max_users + 1));
+	*min_id = palloc(sizeof(int64) * (max_users + 1));
+	if (index)
+	{
+		ScanKeyData key;
+		Datum	   *first = palloc(sizeof(Datum) * (max_users + 1));
+		AttrNumber	a_state = attnameAttNum(request, "state", false);
+		int64		rows;
+
+		for (;;)
+		{
+			ScanKeyInit(&key, 1, BTGreaterEqualStrategyNumber, F_INT8GE,
+						Int64GetDatum(queue_scan_from));
+			n = PointsFirstUsers(request, index, &key, 1, RequestQueued, &a_state,
+								 attnameAttNum(request, "user_id", false),
+								 attnameAttNum(request, "request_id", false),
+								 max_requests, max_users, *users, first, &rows);
+			if (rows > 0 || queue_scan_from == 0)
+				break;
+			queue_scan_from = 0;	/* past the hint nothing: from the start */
+		}
+		for (uint64 i = 0; i < n; i++)
+			(*min_id)[i] = DatumGetInt64(first[i]);
+		index_close(index, NoLock);
+	}
+	else
+	{
+		Datum		values[3];
+
+		values[0] = Int32GetDatum(max_requests);
+		values[1] = Int32GetDatum(max_users);
+		values[2] = Int64GetDatum(queue_scan_from);
+		PointsPlan(&plan_queued_users,
+				   "SELECT user_id, min(request_id) FROM ("
+				   "  SELECT user_id, request_id FROM points.request"
+				   "  WHERE state = 'queued' AND request_id >= $3"
+				   "  ORDER BY request_id LIMIT $1) q"
+				   " GROUP BY user_id ORDER BY min(request_id) LIMIT $2",
+				   3, t_users);
+		PointsExec(plan_queued_users, values, NULL, false, 0);
+		if (SPI_processed == 0 && queue_scan_from > 0)
+		{
+			/* past the hint nothing: look once from the start */
+			queue_scan_from = 0;
+			values[2] = Int64GetDatum(queue_scan_from);
+			PointsExec(plan_queued_users, values, NULL, false, 0);
+		}
+		for (n = 0; n < SPI_processed; n++)
+		{
+			(*users)[n] = PointsGetInt64(n, 1, NULL);
+			(*min_id)[n] = PointsGetInt64(n, 2, NULL);
+		}
+	}
+	table_close(request, NoLock);
+	return n;
+}
+
+/*
+ * MarkRequests
+ *		Record each of the n requests read (at tid[i], under its user's
+ *		lock) as applied with its tx_id or rejected with its error.
+ *		Directly (bulk.c) unless the request table has triggers or rules;
+ *		then by one UPDATE by primary key.
+ */
+static void
+MarkRequests(int n, int64 *id, ItemPointerData *tid, Datum *state, int64 *tx,
+			 bool *tx_null, Datum *error, bool *error_null, TimestampTz now)
+{
+	static const char *const columns[4] = {"state", "tx_id", "error", "applied_at"};
+	static const Oid t_mark[5] = {INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID,
+	TEXTARRAYOID, TIMESTAMPTZOID};
+	Oid			relid = PointsRelid("request");
+	PointsBulk *bulk = palloc(sizeof(PointsBulk));
+	Datum		values[5];
+	Datum	   *d;
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+	bool		usable;
+
+	PointsBulkBegin(bulk, &relid, 1);
+	usable = PointsBulkUsable(bulk);
+	if (usable)
+		for (int r = 0; r < n; r++)
+		{
+			Datum		v[4];
+			bool		nulls[4] = {false, tx_null[r], error_null[r], false};
+
+			v[0] = state[r];
+			v[1] = Int64GetDatum(tx[r]);
+			v[2] = error[r];
+			v[3] = TimestampTzGetDatum(now);
+			PointsBulkUpdate(bulk, 0, &tid[r], 4, columns, v, nulls);
+		}
+	PointsBulkEnd(bulk);
+	pfree(bulk);
+	if (usable)
+		return;
+
+	d = palloc(sizeof(Datum) * n);
+	for (int r = 0; r < n; r++)
+		d[r] = Int64GetDatum(id[r]);
+	values[0] = PointerGetDatum(construct_array(d, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[1] = PointerGetDatum(construct_array(state, n, TEXTOID, -1, false, TYPALIGN_INT));
+	d = palloc(sizeof(Datum) * n);
+	for (int r = 0; r < n; r++)
+		d[r] = Int64GetDatum(tx[r]);
+	values[2] = PointerGetDatum(construct_md_array(d, tx_null, 1, dims, lbs,
+												   INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[3] = PointerGetDatum(construct_md_array(error, error_null, 1, dims, lbs,
+												   TEXTOID, -1, false, TYPALIGN_INT));
+	values[4] = TimestampTzGetDatum(now);
+
+	/*
+	 * By primary key.  "Still queued" is asked as applied_at IS NULL (set
+	 * by this statement only, with the state): a test of state itself
+	 * would match the partial indexes' predicate and let the planner walk
+	 * the whole queue through one of them.
+	 */
+	PointsPlanSet(&plan_mark,
+			   "UPDATE points.request r"
+			   " SET state = x.state, tx_id = x.tx_id, error = x.error, applied_at = $5"
+			   " FROM unnest($1, $2, $3, $4) x(request_id, state, tx_id, error)"
+			   " WHERE r.request_id = ANY($1) AND r.request_id = x.request_id"
+			   "   AND r.applied_at IS NULL",
+			   5, t_mark);
+	PointsExecIndexed(plan_mark, values, NULL, false, 0);
+	if (SPI_processed != (uint64) n)
+		elog(ERROR, "points: %llu of %d queued requests could be marked",
+			 (unsigned long long) SPI_processed, n);
+}
+
 /*
  * points_apply_queued
  *		points.apply_queued(max_requests): apply or reject at most
@@ -224,14 +393,12 @@ points_apply_queued(PG_FUNCTION_ARGS)
 {
 	int32		max_requests = PointsArgPositiveInt32(fcinfo, 0, "max_requests");
 	TimestampTz now = GetCurrentTimestamp();
-	static const Oid t_users[3] = {INT4OID, INT4OID, INT8OID};
 	static const Oid t_reqs[2] = {INT8ARRAYOID, INT4OID};
 	static const Oid t_keys[2] = {INT8ARRAYOID, TEXTARRAYOID};
-	static const Oid t_mark[5] = {INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID,
-	TEXTARRAYOID, TIMESTAMPTZOID};
-	Datum		values[5];
+	Datum		values[3];
 	PointsAccountSet set;
 	uint64		ncand;
+	int64	   *cand_user;
 	int64	   *cand_min;
 	bool	   *cand_got;
 	int64		next_from = PG_INT64_MAX;
@@ -246,6 +413,8 @@ points_apply_queued(PG_FUNCTION_ARGS)
 	Datum	   *req_error;
 	bool	   *req_error_null;
 	bool	   *req_tx_null;
+	ItemPointerData *req_tid;	/* the version read */
+	MemoryContext outer = NULL;
 	PointsTxBatch batch = {0};
 	HASHCTL		hctl;
 	HTAB	   *keys;
@@ -255,38 +424,16 @@ points_apply_queued(PG_FUNCTION_ARGS)
 	SPI_connect();
 
 	/* the users of the oldest queued requests; take those that are free */
-	values[0] = Int32GetDatum(max_requests);
-	values[1] = Int32GetDatum(POINTS_BATCH_MAX_USERS + 1);
-	values[2] = Int64GetDatum(queue_scan_from);
-	PointsPlan(&plan_queued_users,
-			   "SELECT user_id, min(request_id) FROM ("
-			   "  SELECT user_id, request_id FROM points.request"
-			   "  WHERE state = 'queued' AND request_id >= $3"
-			   "  ORDER BY request_id LIMIT $1) q"
-			   " GROUP BY user_id ORDER BY min(request_id) LIMIT $2",
-			   3, t_users);
-	PointsExec(plan_queued_users, values, NULL, false, 0);
-	if (SPI_processed == 0 && queue_scan_from > 0)
-	{
-		/* past the hint nothing: look once from the start (see below) */
-		queue_scan_from = 0;
-		values[2] = Int64GetDatum(queue_scan_from);
-		PointsExec(plan_queued_users, values, NULL, false, 0);
-	}
-	ncand = SPI_processed;
+	ncand = FindQueuedUsers(max_requests, &cand_user, &cand_min);
 	if (ncand >= QUEUE_STALE_MIN_USERS && RequestStatsStale((double) ncand))
 	{
 		/* plan the rest of this batch (and the next ones) on fresh numbers */
 		if (SPI_execute("ANALYZE points.request", false, 0) < 0)
 			elog(ERROR, "points: could not analyze points.request");
-		PointsExec(plan_queued_users, values, NULL, false, 0);
-		ncand = SPI_processed;
 	}
-	cand_min = palloc(sizeof(int64) * (ncand + 1));
 	cand_got = palloc(sizeof(bool) * (ncand + 1));	/* set by PointsLockBatchUsers */
-	for (i = 0; i < ncand; i++)
-		cand_min[i] = PointsGetInt64(i, 2, NULL);
-	if (!PointsLockBatchUsers(true, now, POINTS_BATCH_MAX_USERS, cand_got, &set))
+	if (!PointsLockBatchUsers(true, now, cand_user, ncand, POINTS_BATCH_MAX_USERS,
+							  cand_got, &set))
 	{
 		SPI_finish();
 		PG_RETURN_INT64(0);
@@ -297,9 +444,9 @@ points_apply_queued(PG_FUNCTION_ARGS)
 	values[1] = Int32GetDatum(max_requests);
 	PointsPlanSet(&plan_requests,
 			   "SELECT r.request_id, r.user_id, r.amount, r.idempotency_key,"
-			   "       r.expires_at, r.reason, r.metadata"
+			   "       r.expires_at, r.reason, r.metadata, r.tid"
 			   " FROM unnest($1) u(user_id),"
-			   "      LATERAL (SELECT * FROM points.request r"
+			   "      LATERAL (SELECT r.*, r.ctid AS tid FROM points.request r"
 			   "               WHERE r.user_id = u.user_id AND r.state = 'queued'"
 			   "               ORDER BY r.user_id, r.request_id LIMIT $2) r"
 			   " ORDER BY r.request_id LIMIT $2",
@@ -328,6 +475,7 @@ points_apply_queued(PG_FUNCTION_ARGS)
 		req_error = palloc(sizeof(Datum) * nreq);
 		req_error_null = palloc(sizeof(bool) * nreq);
 		req_tx_null = palloc(sizeof(bool) * nreq);
+		req_tid = palloc(sizeof(ItemPointerData) * nreq);
 
 		/* the keys these requests use, as the ledger already has them */
 		for (r = 0; r < nreq; r++)
@@ -386,7 +534,8 @@ points_apply_queued(PG_FUNCTION_ARGS)
 			}
 		}
 
-		/* decide each request, in request_id order */
+		/* decide each request, in request_id order (its memory: see bulk.c) */
+		outer = PointsArenaEnter();
 		for (r = 0; r < nreq; r++)
 		{
 			HeapTuple	tup = reqs->vals[r];
@@ -409,6 +558,8 @@ points_apply_queued(PG_FUNCTION_ARGS)
 			if (isnull)
 				metadata = (Datum) 0;
 			req_id[r] = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+			ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 8, &isnull)),
+							&req_tid[r]);
 			req_user[r] = user_id;
 
 			if (key)
@@ -488,46 +639,14 @@ points_apply_queued(PG_FUNCTION_ARGS)
 		}
 	}
 	for (r = 0; r < nreq; r++)
-		req_tx_null[r] = req_tx[r] == 0;
-
 	{
-		Datum	   *d = palloc(sizeof(Datum) * nreq);
-		int			dims[1] = {nreq};
-		int			lbs[1] = {1};
-
-		for (r = 0; r < nreq; r++)
-			d[r] = Int64GetDatum(req_id[r]);
-		values[0] = PointerGetDatum(construct_array(d, nreq, INT8OID, 8, true, TYPALIGN_DOUBLE));
-		values[1] = PointerGetDatum(construct_array(req_state, nreq, TEXTOID, -1, false, TYPALIGN_INT));
-		d = palloc(sizeof(Datum) * nreq);
-		for (r = 0; r < nreq; r++)
-			d[r] = Int64GetDatum(req_tx[r]);
-		values[2] = PointerGetDatum(construct_md_array(d, req_tx_null, 1, dims, lbs,
-													   INT8OID, 8, true, TYPALIGN_DOUBLE));
-		for (r = 0; r < nreq; r++)
-			if (req_error_null[r])
-				req_error[r] = (Datum) 0;
-		values[3] = PointerGetDatum(construct_md_array(req_error, req_error_null, 1, dims, lbs,
-													   TEXTOID, -1, false, TYPALIGN_INT));
-		values[4] = TimestampTzGetDatum(now);
+		req_tx_null[r] = req_tx[r] == 0;
+		if (req_error_null[r])
+			req_error[r] = (Datum) 0;
 	}
-	/*
-	 * By primary key.  "Still queued" is asked as applied_at IS NULL (set
-	 * by this statement only, with the state): a test of state itself
-	 * would match the partial indexes' predicate and let the planner walk
-	 * the whole queue through one of them.
-	 */
-	PointsPlanSet(&plan_mark,
-			   "UPDATE points.request r"
-			   " SET state = x.state, tx_id = x.tx_id, error = x.error, applied_at = $5"
-			   " FROM unnest($1, $2, $3, $4) x(request_id, state, tx_id, error)"
-			   " WHERE r.request_id = ANY($1) AND r.request_id = x.request_id"
-			   "   AND r.applied_at IS NULL",
-			   5, t_mark);
-	PointsExecIndexed(plan_mark, values, NULL, false, 0);
-	if (SPI_processed != (uint64) nreq)
-		elog(ERROR, "points: %llu of %d queued requests could be marked",
-			 (unsigned long long) SPI_processed, nreq);
+	MarkRequests(nreq, req_id, req_tid, req_state, req_tx, req_tx_null,
+				 req_error, req_error_null, now);
+	PointsArenaLeave(outer);
 
 	/*
 	 * The next batch starts at the oldest request it may still have to see:
