@@ -16,6 +16,7 @@
 #include "postgres.h"
 
 #include "access/genam.h"
+#include "access/stratnum.h"
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
@@ -25,6 +26,7 @@
 #include "storage/proc.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
@@ -205,6 +207,74 @@ PointsOpenIndex(Relation rel, const char *name, const char *col1, const char *co
 		return index;
 	index_close(index, AccessShareLock);
 	return NULL;
+}
+
+/*
+ * PointsLotScanBegin, PointsLotScanUser, PointsLotScanNext, PointsLotScanEnd
+ *		A user's lots that hold points, in use order (expires_at, then
+ *		lot_id), read directly through lot_user_idx (index, of table lot,
+ *		from PointsOpenIndex): those due at now (expires_at <= now) or
+ *		those not yet expired.  Under the active snapshot, which the caller
+ *		took after the user's lock: the versions read are the latest.
+ */
+void
+PointsLotScanBegin(PointsLotScan *s, Relation lot, Relation index)
+{
+	s->slot = table_slot_create(lot, NULL);
+	s->scan = index_beginscan(lot, index, GetActiveSnapshot(), 2, 0);
+	s->a_lot = attnameAttNum(lot, "lot_id", false);
+	s->a_user = attnameAttNum(lot, "user_id", false);
+	s->a_remaining = attnameAttNum(lot, "remaining", false);
+	s->a_expires = attnameAttNum(lot, "expires_at", false);
+	if (s->a_lot <= 0 || s->a_user <= 0 || s->a_remaining <= 0 || s->a_expires <= 0)
+		elog(ERROR, "points: a column of points.lot is missing");
+}
+
+void
+PointsLotScanUser(PointsLotScan *s, int64 user_id, TimestampTz now, bool due)
+{
+	ScanKeyData keys[2];
+
+	s->user_id = user_id;
+	s->now = now;
+	s->due = due;
+	ScanKeyInit(&keys[0], 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(user_id));
+	ScanKeyInit(&keys[1], 2, due ? BTLessEqualStrategyNumber : BTGreaterStrategyNumber,
+				due ? F_TIMESTAMPTZ_LE : F_TIMESTAMPTZ_GT, TimestampTzGetDatum(now));
+	index_rescan(s->scan, keys, 2, NULL, 0);
+}
+
+bool
+PointsLotScanNext(PointsLotScan *s, PointsLot *lot)
+{
+	while (index_getnext_slot(s->scan, ForwardScanDirection, s->slot))
+	{
+		bool		isnull;
+		int64		remaining = DatumGetInt64(slot_getattr(s->slot, s->a_remaining, &isnull));
+		TimestampTz expires_at;
+
+		/* the index's predicate and range, checked on the version */
+		if (isnull || remaining <= 0)
+			continue;
+		expires_at = DatumGetTimestampTz(slot_getattr(s->slot, s->a_expires, &isnull));
+		if (isnull || (s->due ? expires_at > s->now : expires_at <= s->now) ||
+			DatumGetInt64(slot_getattr(s->slot, s->a_user, &isnull)) != s->user_id)
+			continue;
+		lot->user_id = s->user_id;
+		lot->lot_id = DatumGetInt64(slot_getattr(s->slot, s->a_lot, &isnull));
+		lot->remaining = remaining;
+		lot->expires_at = expires_at;
+		lot->tid = s->slot->tts_tid;
+		return true;
+	}
+	return false;
+}
+
+void
+PointsLotScanEnd(PointsLotScan *s)
+{
+	index_endscan(s->scan);
+	ExecDropSingleTupleTableSlot(s->slot);
 }
 
 /*

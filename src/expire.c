@@ -45,22 +45,12 @@ static SPIPlanPtr plan_due_users;
 static SPIPlanPtr plan_due_lots;
 static SPIPlanPtr plan_empty_lots;
 
-/* a due lot of a locked user */
-typedef struct DueLot
-{
-	int64		user_id;
-	int64		lot_id;
-	int64		remaining;
-	TimestampTz expires_at;
-	ItemPointerData tid;		/* the version read */
-} DueLot;
-
 /* soonest first */
 static int
 CompareDue(const void *a, const void *b)
 {
-	const DueLot *x = a;
-	const DueLot *y = b;
+	const PointsLot *x = a;
+	const PointsLot *y = b;
 
 	if (x->expires_at != y->expires_at)
 		return x->expires_at < y->expires_at ? -1 : 1;
@@ -71,8 +61,8 @@ CompareDue(const void *a, const void *b)
 static int
 CompareUserDue(const void *a, const void *b)
 {
-	const DueLot *x = a;
-	const DueLot *y = b;
+	const PointsLot *x = a;
+	const PointsLot *y = b;
 
 	if (x->user_id != y->user_id)
 		return x->user_id < y->user_id ? -1 : 1;
@@ -90,71 +80,38 @@ CompareUserDue(const void *a, const void *b)
  */
 static int64
 ScanDueLots(Relation lot, Relation index, PointsAccountSet *set,
-			TimestampTz now, int32 max_lots, DueLot **out)
+			TimestampTz now, int32 max_lots, PointsLot **out)
 {
-	AttrNumber	a_lot = attnameAttNum(lot, "lot_id", false),
-				a_user = attnameAttNum(lot, "user_id", false),
-				a_remaining = attnameAttNum(lot, "remaining", false),
-				a_expires = attnameAttNum(lot, "expires_at", false);
-	TupleTableSlot *slot = table_slot_create(lot, NULL);
-	IndexScanDesc scan;
-	ScanKeyData keys[2];
+	PointsLotScan scan;
 	int64		cap = Min((int64) set->n * 8, max_lots) + 1;
 	int64		n = 0;
-	DueLot	   *due = palloc(sizeof(DueLot) * cap);
+	PointsLot  *due = palloc(sizeof(PointsLot) * cap);
 
-	if (a_lot <= 0 || a_user <= 0 || a_remaining <= 0 || a_expires <= 0)
-		elog(ERROR, "points: a column of points.lot is missing");
-	scan = index_beginscan(lot, index, GetActiveSnapshot(), 2, 0);
+	PointsLotScanBegin(&scan, lot, index);
 	for (int u = 0; u < set->n; u++)
 	{
-		int64		user_id = set->accounts[u].user_id;
-		int64		taken = 0;
-
-		ScanKeyInit(&keys[0], 1, BTEqualStrategyNumber, F_INT8EQ,
-					Int64GetDatum(user_id));
-		ScanKeyInit(&keys[1], 2, BTLessEqualStrategyNumber, F_TIMESTAMPTZ_LE,
-					TimestampTzGetDatum(now));
-		index_rescan(scan, keys, 2, NULL, 0);
-		while (taken < max_lots &&
-			   index_getnext_slot(scan, ForwardScanDirection, slot))
+		PointsLotScanUser(&scan, set->accounts[u].user_id, now, true);
+		for (int64 taken = 0; taken < max_lots; taken++)
 		{
-			bool		isnull;
-			DueLot	   *d;
-			int64		remaining = DatumGetInt64(slot_getattr(slot, a_remaining, &isnull));
-			TimestampTz expires_at;
-
-			/* the index's predicate and range, checked on the version */
-			if (isnull || remaining <= 0)
-				continue;
-			expires_at = DatumGetTimestampTz(slot_getattr(slot, a_expires, &isnull));
-			if (isnull || expires_at > now ||
-				DatumGetInt64(slot_getattr(slot, a_user, &isnull)) != user_id)
-				continue;
 			if (n == cap)
 			{
 				cap *= 2;
-				due = repalloc_huge(due, sizeof(DueLot) * cap);
+				due = repalloc_huge(due, sizeof(PointsLot) * cap);
 			}
-			d = &due[n++];
-			d->user_id = user_id;
-			d->lot_id = DatumGetInt64(slot_getattr(slot, a_lot, &isnull));
-			d->remaining = remaining;
-			d->expires_at = expires_at;
-			d->tid = slot->tts_tid;
-			taken++;
+			if (!PointsLotScanNext(&scan, &due[n]))
+				break;
+			n++;
 			CHECK_FOR_INTERRUPTS();
 		}
 	}
-	index_endscan(scan);
-	ExecDropSingleTupleTableSlot(slot);
+	PointsLotScanEnd(&scan);
 
 	/* users in user_id order, each one's lots in index order: sorted */
 	if (n > max_lots)
 	{
-		qsort(due, n, sizeof(DueLot), CompareDue);
+		qsort(due, n, sizeof(PointsLot), CompareDue);
 		n = max_lots;
-		qsort(due, n, sizeof(DueLot), CompareUserDue);
+		qsort(due, n, sizeof(PointsLot), CompareUserDue);
 	}
 	*out = due;
 	return n;
@@ -169,12 +126,12 @@ ScanDueLots(Relation lot, Relation index, PointsAccountSet *set,
  *		sort).
  */
 static int64
-ReadDueLots(PointsAccountSet *set, TimestampTz now, int32 max_lots, DueLot **out)
+ReadDueLots(PointsAccountSet *set, TimestampTz now, int32 max_lots, PointsLot **out)
 {
 	static const Oid lot_types[3] = {INT8ARRAYOID, TIMESTAMPTZOID, INT4OID};
 	Datum		values[3];
 	int64		n;
-	DueLot	   *due;
+	PointsLot	   *due;
 
 	values[0] = set->users;
 	values[1] = TimestampTzGetDatum(now);
@@ -193,7 +150,7 @@ ReadDueLots(PointsAccountSet *set, TimestampTz now, int32 max_lots, DueLot **out
 			   3, lot_types);
 	PointsExecPerKey(plan_due_lots, values, NULL, false, 0);
 	n = (int64) SPI_processed;
-	due = palloc(sizeof(DueLot) * (n + 1));
+	due = palloc(sizeof(PointsLot) * (n + 1));
 	for (int64 i = 0; i < n; i++)
 	{
 		bool		isnull;
@@ -224,7 +181,7 @@ ReadDueLots(PointsAccountSet *set, TimestampTz now, int32 max_lots, DueLot **out
  *		the versions read are the latest.
  */
 static int64
-EmptyDueLots(PointsAccountSet *set, TimestampTz now, int32 max_lots, DueLot **out)
+EmptyDueLots(PointsAccountSet *set, TimestampTz now, int32 max_lots, PointsLot **out)
 {
 	static const char *const remaining[1] = {"remaining"};
 	static const Oid empty_types[1] = {TIDARRAYOID};
@@ -232,7 +189,7 @@ EmptyDueLots(PointsAccountSet *set, TimestampTz now, int32 max_lots, DueLot **ou
 	Oid			relid = PointsRelid("lot");
 	PointsBulk *bulk = palloc(sizeof(PointsBulk));
 	Relation	index;
-	DueLot	   *due;
+	PointsLot	   *due;
 	Datum	   *tids;
 	Datum		empty_values[1];
 	int64		n = 0;
@@ -397,7 +354,7 @@ ExpireDueImpl(PG_FUNCTION_ARGS)
 	TimestampTz now = GetCurrentTimestamp();
 	int64	   *users;
 	int64		nusers;
-	DueLot	   *due;
+	PointsLot	   *due;
 	PointsAccountSet set;
 	PointsTxBatch batch = {0};
 	int64		i;

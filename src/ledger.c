@@ -23,12 +23,15 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/table.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "common/int.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "points.h"
@@ -524,13 +527,37 @@ SumOfColumn1(void)
  *		Points of the user's lots that have not expired at "now": the
  *		account's balance less the lots past expires_at still holding points
  *		(few: the expiry job clears them), so the cost does not grow with
- *		the number of lots.
+ *		the number of lots.  Read directly through lot_user_idx, or through
+ *		SQL when that index is not what a direct read needs.
  */
 static int64
 Spendable(PointsAccount *acct, int64 user_id, TimestampTz now)
 {
 	static const Oid types[2] = {INT8OID, TIMESTAMPTZOID};
 	Datum		values[2];
+	Relation	lot = table_open(PointsRelid("lot"), AccessShareLock);
+	Relation	index = PointsOpenIndex(lot, "lot_user_idx", "user_id", "expires_at");
+
+	if (index)
+	{
+		PointsLotScan scan;
+		PointsLot	l;
+		int64		expired = 0;
+
+		/* a snapshot of now, as a statement's: the user is locked */
+		CommandCounterIncrement();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		PointsLotScanBegin(&scan, lot, index);
+		PointsLotScanUser(&scan, user_id, now, true);
+		while (PointsLotScanNext(&scan, &l))
+			expired += l.remaining; /* all lots sum to the balance: no overflow */
+		PointsLotScanEnd(&scan);
+		PopActiveSnapshot();
+		index_close(index, NoLock);
+		table_close(lot, NoLock);
+		return acct->balance - expired;
+	}
+	table_close(lot, NoLock);
 
 	values[0] = Int64GetDatum(user_id);
 	values[1] = TimestampTzGetDatum(now);
@@ -542,15 +569,99 @@ Spendable(PointsAccount *acct, int64 user_id, TimestampTz now)
 	return acct->balance - PointsGetInt64(0, 1, NULL);
 }
 
+static void TakeFromLotsSQL(int64 user_id, int64 amount, TimestampTz now, int64 tx_id);
+
 /*
  * TakeFromLots
  *		Take amount points from the user's unexpired lots in use order
  *		(soonest expires_at, then the oldest lot) and record each lot's part
  *		for use tx_id.  The lots are read in that order from the index and
- *		only as far as needed, however many lots the user has.
+ *		only as far as needed, however many lots the user has: directly
+ *		(bulk.c, PointsLotScan), or through SQL when the tables or the
+ *		index are not what that needs.
  */
 static void
 TakeFromLots(int64 user_id, int64 amount, TimestampTz now, int64 tx_id)
+{
+	static const char *const remaining[1] = {"remaining"};
+	Oid			relids[2];
+	PointsBulk *bulk = palloc(sizeof(PointsBulk));
+	Relation	index;
+	bool		direct;
+
+	relids[0] = PointsRelid("lot");
+	relids[1] = PointsRelid("use_lot");
+	PointsBulkBegin(bulk, relids, 2);
+	index = PointsOpenIndex(bulk->tables[0].rel, "lot_user_idx", "user_id", "expires_at");
+	direct = index != NULL && PointsBulkUsable(bulk);
+	if (direct)
+	{
+		PointsLotScan scan;
+		int			cap = 8;
+		int			n = 0;
+		PointsLot  *lots = palloc(sizeof(PointsLot) * cap);
+		int64		left = amount;
+		AttrNumber	u_tx = PointsBulkAttnum(bulk, 1, "use_tx") - 1,
+					u_lot = PointsBulkAttnum(bulk, 1, "lot_id") - 1,
+					u_taken = PointsBulkAttnum(bulk, 1, "taken") - 1;
+
+		CommandCounterIncrement();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		PointsLotScanBegin(&scan, bulk->tables[0].rel, index);
+		PointsLotScanUser(&scan, user_id, now, false);
+		while (left > 0)
+		{
+			if (n == cap)
+			{
+				cap *= 2;
+				lots = repalloc(lots, sizeof(PointsLot) * cap);
+			}
+			if (!PointsLotScanNext(&scan, &lots[n]))
+				break;
+			left -= Min(lots[n].remaining, left);
+			n++;
+		}
+		PointsLotScanEnd(&scan);
+		if (left != 0)
+			elog(ERROR, "points: use %lld of user %lld found %lld points fewer in its lots than spendable",
+				 (long long) tx_id, (long long) user_id, (long long) left);
+
+		/* each lot's part taken, and recorded for the use */
+		left = amount;
+		for (int i = 0; i < n; i++)
+		{
+			int64		part = Min(lots[i].remaining, left);
+			Datum		rest = Int64GetDatum(lots[i].remaining - part);
+			TupleTableSlot *slot;
+
+			PointsBulkUpdate(bulk, 0, &lots[i].tid, 1, remaining, &rest, NULL);
+			slot = PointsBulkSlot(bulk, 1);
+			slot->tts_values[u_tx] = Int64GetDatum(tx_id);
+			slot->tts_isnull[u_tx] = false;
+			slot->tts_values[u_lot] = Int64GetDatum(lots[i].lot_id);
+			slot->tts_isnull[u_lot] = false;
+			slot->tts_values[u_taken] = Int64GetDatum(part);
+			slot->tts_isnull[u_taken] = false;
+			PointsBulkAdd(bulk, 1);
+			left -= part;
+		}
+		PopActiveSnapshot();
+	}
+	if (index)
+		index_close(index, NoLock);
+	PointsBulkEnd(bulk);
+	pfree(bulk);
+	if (!direct)
+		TakeFromLotsSQL(user_id, amount, now, tx_id);
+}
+
+/*
+ * TakeFromLotsSQL
+ *		TakeFromLots through SQL, for a lot or use_lot table with triggers
+ *		or rules, or without a valid lot_user_idx.
+ */
+static void
+TakeFromLotsSQL(int64 user_id, int64 amount, TimestampTz now, int64 tx_id)
 {
 	static const Oid lot_types[2] = {INT8OID, TIMESTAMPTZOID};
 	static const Oid take_types[3] = {INT8ARRAYOID, INT8ARRAYOID, INT8OID};

@@ -249,6 +249,34 @@ extern PointsAccountState *PointsFindAccount(PointsAccountSet *set, int64 user_i
 extern Relation PointsOpenIndex(Relation rel, const char *name, const char *col1,
 							   const char *col2);
 typedef bool (*PointsRowCheck) (TupleTableSlot *slot, void *arg);
+
+/* a lot holding points, as a direct read finds it */
+typedef struct PointsLot
+{
+	int64		user_id;
+	int64		lot_id;
+	int64		remaining;
+	TimestampTz expires_at;
+	ItemPointerData tid;		/* the version read */
+} PointsLot;
+
+typedef struct PointsLotScan
+{
+	struct IndexScanDescData *scan;
+	TupleTableSlot *slot;
+	AttrNumber	a_lot,
+				a_user,
+				a_remaining,
+				a_expires;
+	int64		user_id;
+	TimestampTz now;
+	bool		due;
+} PointsLotScan;
+
+extern void PointsLotScanBegin(PointsLotScan *s, Relation lot, Relation index);
+extern void PointsLotScanUser(PointsLotScan *s, int64 user_id, TimestampTz now, bool due);
+extern bool PointsLotScanNext(PointsLotScan *s, PointsLot *lot);
+extern void PointsLotScanEnd(PointsLotScan *s);
 extern int	PointsFirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
 							 PointsRowCheck check, void *arg, AttrNumber user_att,
 							 AttrNumber key_att, int64 max_rows, int max_users,
