@@ -189,3 +189,15 @@ SELECT g.user_id, g.user_seq, g.amount, o.aggregatetype FROM points.ledger g
 JOIN points.outbox o ON o.id = g.tx_id WHERE g.user_id IN (110, 111) ORDER BY g.user_id;
 SELECT * FROM points.verify(110) UNION ALL SELECT * FROM points.verify(111);
 SELECT user_seq FROM points.earn(110, 1);
+
+-- without the account's primary key (dropped in this transaction) an earn
+-- and a use of an existing account read it through SQL: same balances
+BEGIN;
+ALTER TABLE points.account DROP CONSTRAINT account_pkey;
+SELECT user_seq, amount, balance_after FROM points.earn(110, 5);
+SELECT user_seq, amount, balance_after FROM points.use(110, 2);
+SELECT balance, last_seq FROM points.account WHERE user_id = 110;
+SELECT * FROM points.verify(110);
+ROLLBACK;
+SELECT user_seq, amount, balance_after FROM points.earn(110, 5);
+SELECT * FROM points.verify(110);

@@ -24,12 +24,15 @@
 #include "postgres.h"
 
 #include "access/genam.h"
+#include "access/stratnum.h"
 #include "access/table.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "common/int.h"
+#include "parser/parse_relation.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/jsonb.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -65,6 +68,59 @@ static SPIPlanPtr plan_lot_take;
 static SPIPlanPtr plan_restore;
 
 /*
+ * ReadAccount
+ *		PointsLockAccount's read under READ COMMITTED, directly through the
+ *		primary key, under a snapshot taken now: true when that answered
+ *		(the row, or no row and none to make), false to go through SQL (an
+ *		account to make, or no valid primary-key index).
+ */
+static bool
+ReadAccount(int64 user_id, bool create, PointsAccount *acct)
+{
+	Relation	account = table_open(PointsRelid("account"), AccessShareLock);
+	Relation	index = PointsOpenIndex(account, "account_pkey", "user_id", NULL);
+	bool		answered = false;
+
+	if (index)
+	{
+		TupleTableSlot *slot = table_slot_create(account, NULL);
+		IndexScanDesc scan;
+		ScanKeyData key;
+
+		CommandCounterIncrement();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		scan = index_beginscan(account, index, GetActiveSnapshot(), 1, 0);
+		ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(user_id));
+		index_rescan(scan, &key, 1, NULL, 0);
+		if (index_getnext_slot(scan, ForwardScanDirection, slot))
+		{
+			bool		isnull;
+
+			acct->exists = true;
+			acct->balance = DatumGetInt64(slot_getattr(slot, attnameAttNum(account, "balance", false),
+													   &isnull));
+			acct->last_seq = DatumGetInt64(slot_getattr(slot, attnameAttNum(account, "last_seq", false),
+														&isnull));
+			acct->tid = slot->tts_tid;	/* the version read, which PointsAppendTx updates */
+			answered = true;
+		}
+		else if (!create)
+		{
+			acct->exists = false;
+			acct->balance = acct->last_seq = 0;
+			ItemPointerSetInvalid(&acct->tid);
+			answered = true;
+		}
+		index_endscan(scan);
+		PopActiveSnapshot();
+		ExecDropSingleTupleTableSlot(slot);
+		index_close(index, NoLock);
+	}
+	table_close(account, NoLock);
+	return answered;
+}
+
+/*
  * PointsLockAccount
  *		Lock the user's account row (the user lock must be held) and read its
  *		balance and last user_seq.  With create, a missing account is made.
@@ -87,8 +143,10 @@ PointsLockAccount(int64 user_id, bool create, PointsAccount *acct)
 	 * last holder's commit and FOR UPDATE would only cost a WAL record.  A
 	 * transaction-snapshot caller (REPEATABLE READ, SERIALIZABLE) may have
 	 * taken its snapshot before that commit: FOR UPDATE turns it into 40001
-	 * instead of a stale balance.
+	 * instead of a stale balance.  The plain read is direct (ReadAccount).
 	 */
+	if (!IsolationUsesXactSnapshot() && ReadAccount(user_id, create, acct))
+		return;
 	if (IsolationUsesXactSnapshot())
 		plan = PointsPlanKey(&plan_lock_account,
 							 "SELECT a.balance, a.last_seq, a.ctid FROM points.account a"
