@@ -187,3 +187,16 @@ FROM (VALUES (:c1), (:c2)) v(id), points.request(v.id) q JOIN points.ledger g ON
 ORDER BY g.user_seq;
 ROLLBACK;
 SELECT * FROM points.verify();
+
+-- a batch that rolls back does not make the next ones skip its requests
+BEGIN;
+SELECT points.earn_async(790008, 1) AS d1 \gset
+SELECT points.earn_async(790009, 1) AS d2 \gset
+COMMIT;
+BEGIN;
+SELECT points.apply_queued(1) AS first_batch, points.apply_queued(1) AS second_batch;
+ROLLBACK;
+SELECT points.earn_async(790010, 1) AS d3 \gset
+SELECT points.apply_queued() AS after_rollback;
+SELECT q.state FROM (VALUES (:d1), (:d2), (:d3)) v(id), points.request(v.id) q;
+SELECT * FROM points.verify();

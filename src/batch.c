@@ -182,32 +182,122 @@ PointsLockBatchUsers(bool create, TimestampTz now, const int64 *cand, uint64 nca
 /*
  * PointsOpenIndex
  *		Index points.<name> of the open table rel, open, if it is a valid
- *		btree whose first two key columns are col1 and col2 (col2 NULL:
- *		any), ascending: what a direct read needs.  NULL otherwise
- *		(dropped, being rebuilt, changed by hand): the caller reads through
- *		SQL.
+ *		btree whose leading key columns are cols[] (NULL-terminated), each
+ *		ascending, and usable by any snapshot: what a direct read in its
+ *		order needs.  NULL otherwise (dropped, being rebuilt, changed by
+ *		hand): the caller reads through SQL.
  */
 Relation
-PointsOpenIndex(Relation rel, const char *name, const char *col1, const char *col2)
+PointsOpenIndex(Relation rel, const char *name, const char *const *cols)
 {
 	Oid			id = get_relname_relid(name, RelationGetNamespace(rel));
 	Relation	index;
 	Form_pg_index form;
+	bool		ok;
 
 	if (!OidIsValid(id))
 		return NULL;
 	index = index_open(id, AccessShareLock);
 	form = index->rd_index;
-	if (form->indrelid == RelationGetRelid(rel) && form->indisvalid &&
-		index->rd_rel->relam == BTREE_AM_OID && form->indnkeyatts >= (col2 ? 2 : 1) &&
-		form->indkey.values[0] == attnameAttNum(rel, col1, false) &&
-		index->rd_indoption[0] == 0 &&
-		(col2 == NULL || (form->indkey.values[1] == attnameAttNum(rel, col2, false) &&
-						  index->rd_indoption[1] == 0)))
+	ok = form->indrelid == RelationGetRelid(rel) && form->indisvalid &&
+		!form->indcheckxmin && index->rd_rel->relam == BTREE_AM_OID;
+	for (int c = 0; ok && cols[c] != NULL; c++)
+		ok = c < form->indnkeyatts &&
+			form->indkey.values[c] == attnameAttNum(rel, cols[c], false) &&
+			index->rd_indoption[c] == 0;
+	if (ok)
 		return index;
 	index_close(index, AccessShareLock);
 	return NULL;
 }
+
+/*
+ * PointsOpenLotUserIndex
+ *		lot_user_idx of table lot: (user_id, expires_at, lot_id), a user's
+ *		lots in use order.
+ */
+Relation
+PointsOpenLotUserIndex(Relation lot)
+{
+	static const char *const cols[] = {"user_id", "expires_at", "lot_id", NULL};
+
+	return PointsOpenIndex(lot, "lot_user_idx", cols);
+}
+
+/*
+ * A batch job's search hint: where its next search for work in an index
+ * starts (the entries of work it did stay in the index until vacuum, and
+ * walking them all again on every call made a backlog quadratic).  Work
+ * can appear before the hint: a transaction that did work and then rolled
+ * back (any abort in the backend invalidates every hint), a writer that
+ * committed late, points given back to an expired lot.  So a hint is also
+ * dropped when a search past it finds nothing, and at least every
+ * POINTS_HINT_FULL_MS a search starts from the beginning.
+ */
+#define POINTS_HINT_FULL_MS		10000
+
+static uint64 abort_epoch = 1;
+static bool hint_callbacks = false;
+
+static void
+HintXact(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
+		abort_epoch++;
+}
+
+static void
+HintSubXact(SubXactEvent event, SubTransactionId mySubid,
+			SubTransactionId parentSubid, void *arg)
+{
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+		abort_epoch++;
+}
+
+/*
+ * PointsHintUse
+ *		Whether the search may start at the hint (then *value is it); when
+ *		not, the caller searches from the beginning, noted as done now.
+ */
+bool
+PointsHintUse(PointsHint *h, int64 *value)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (!hint_callbacks)
+	{
+		RegisterXactCallback(HintXact, NULL);
+		RegisterSubXactCallback(HintSubXact, NULL);
+		hint_callbacks = true;
+	}
+	if (h->set && h->epoch == abort_epoch &&
+		now < TimestampTzPlusMilliseconds(h->from_start_at, POINTS_HINT_FULL_MS))
+	{
+		*value = h->value;
+		return true;
+	}
+	h->set = false;
+	h->from_start_at = now;
+	return false;
+}
+
+/* PointsHintMissed: nothing past the hint; the caller searches from the start */
+void
+PointsHintMissed(PointsHint *h)
+{
+	h->set = false;
+	h->from_start_at = GetCurrentTimestamp();
+}
+
+/* PointsHintSet: the next search may start at value (set) or must not (!set) */
+void
+PointsHintSet(PointsHint *h, bool set, int64 value)
+{
+	h->set = set;
+	h->value = value;
+	h->epoch = abort_epoch;
+}
+
 
 /*
  * PointsLotScanBegin, PointsLotScanUser, PointsLotScanNext, PointsLotScanEnd
@@ -250,8 +340,11 @@ PointsLotScanNext(PointsLotScan *s, PointsLot *lot)
 	while (index_getnext_slot(s->scan, ForwardScanDirection, s->slot))
 	{
 		bool		isnull;
-		int64		remaining = DatumGetInt64(slot_getattr(s->slot, s->a_remaining, &isnull));
+		int64		remaining;
 		TimestampTz expires_at;
+
+		CHECK_FOR_INTERRUPTS();
+		remaining = DatumGetInt64(slot_getattr(s->slot, s->a_remaining, &isnull));
 
 		/* the index's predicate and range, checked on the version */
 		if (isnull || remaining <= 0)
@@ -283,7 +376,7 @@ PointsLotScanEnd(PointsLotScan *s)
  *		accepts (the index's predicate, tested on each version), at most
  *		max_rows of them, and collect their users (column user_att) in the
  *		order of each one's first row, at most max_users; first[i] gets
- *		column key_att of user i's first row.  Under a snapshot taken now.
+ *		column key_att (an int8 or a timestamptz) of user i's first row.  Under a snapshot taken now.
  *		*rows gets how many rows were read.  Returns how many users.  A
  *		batch job's search for work: it stops at the last user it can take,
  *		where a statement would read max_rows rows to group them.
@@ -292,7 +385,7 @@ int
 PointsFirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
 				 PointsRowCheck check, void *arg, AttrNumber user_att,
 				 AttrNumber key_att, int64 max_rows, int max_users,
-				 int64 *users, Datum *first, int64 *rows)
+				 int64 *users, int64 *first, int64 *rows)
 {
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
 	IndexScanDesc scan;
@@ -306,6 +399,8 @@ PointsFirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
 	ctl.hcxt = CurrentMemoryContext;
 	seen = hash_create("points first users", max_users + 1, &ctl,
 					   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	/* what this transaction wrote so far is seen (as by a statement) */
+	CommandCounterIncrement();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	scan = index_beginscan(rel, index, GetActiveSnapshot(), nkeys, 0);
 	index_rescan(scan, keys, nkeys, NULL, 0);
@@ -316,6 +411,7 @@ PointsFirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
 		bool		found;
 		int64		user_id;
 
+		CHECK_FOR_INTERRUPTS();
 		if (!check(slot, arg))
 			continue;
 		read++;
@@ -323,10 +419,9 @@ PointsFirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
 		(void) hash_search(seen, &user_id, HASH_ENTER, &found);
 		if (!found)
 		{
-			first[n] = slot_getattr(slot, key_att, &isnull);
+			first[n] = DatumGetInt64(slot_getattr(slot, key_att, &isnull));
 			users[n++] = user_id;
 		}
-		CHECK_FOR_INTERRUPTS();
 	}
 	index_endscan(scan);
 	PopActiveSnapshot();

@@ -83,9 +83,12 @@ ScanDueLots(Relation lot, Relation index, PointsAccountSet *set,
 			TimestampTz now, int32 max_lots, PointsLot **out)
 {
 	PointsLotScan scan;
-	int64		cap = Min((int64) set->n * 8, max_lots) + 1;
+	int64		limit = 2 * (int64) max_lots;	/* then cut to the soonest max_lots */
+	int64		cap = Min((int64) set->n * 8, limit) + 1;
 	int64		n = 0;
 	PointsLot  *due = palloc(sizeof(PointsLot) * cap);
+	PointsLot	cut;			/* the latest lot that can still be kept */
+	bool		have_cut = false;
 
 	PointsLotScanBegin(&scan, lot, index);
 	for (int u = 0; u < set->n; u++)
@@ -95,13 +98,21 @@ ScanDueLots(Relation lot, Relation index, PointsAccountSet *set,
 		{
 			if (n == cap)
 			{
-				cap *= 2;
+				cap = Min(cap * 2, limit + 1);
 				due = repalloc_huge(due, sizeof(PointsLot) * cap);
 			}
 			if (!PointsLotScanNext(&scan, &due[n]))
 				break;
-			n++;
-			CHECK_FOR_INTERRUPTS();
+			if (have_cut && CompareDue(&due[n], &cut) > 0)
+				break;			/* this user's next lots are later still */
+			if (++n == limit)
+			{
+				/* memory stays within 2 x max_lots: keep the soonest half */
+				qsort(due, n, sizeof(PointsLot), CompareDue);
+				n = max_lots;
+				cut = due[n - 1];
+				have_cut = true;
+			}
 		}
 	}
 	PointsLotScanEnd(&scan);
@@ -111,8 +122,10 @@ ScanDueLots(Relation lot, Relation index, PointsAccountSet *set,
 	{
 		qsort(due, n, sizeof(PointsLot), CompareDue);
 		n = max_lots;
-		qsort(due, n, sizeof(PointsLot), CompareUserDue);
+		have_cut = true;
 	}
+	if (have_cut)
+		qsort(due, n, sizeof(PointsLot), CompareUserDue);
 	*out = due;
 	return n;
 }
@@ -195,13 +208,14 @@ EmptyDueLots(PointsAccountSet *set, TimestampTz now, int32 max_lots, PointsLot *
 	int64		n = 0;
 	bool		direct;
 
+	/* this transaction's writes so far are seen, and its writes here not */
+	CommandCounterIncrement();
 	PointsBulkBegin(bulk, &relid, 1);
-	index = PointsOpenIndex(bulk->tables[0].rel, "lot_user_idx", "user_id", "expires_at");
+	index = PointsOpenLotUserIndex(bulk->tables[0].rel);
 	direct = index != NULL && PointsBulkUsable(bulk);
 	if (direct)
 	{
 		/* a snapshot that sees what committed before the users were locked */
-		CommandCounterIncrement();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		n = ScanDueLots(bulk->tables[0].rel, index, set, now, max_lots, &due);
 		for (int64 i = 0; i < n; i++)
@@ -245,19 +259,14 @@ EmptyDueLots(PointsAccountSet *set, TimestampTz now, int32 max_lots, PointsLot *
 }
 
 /*
- * Where this backend's next search for due lots starts: the expires_at of
- * the first due lot the last search saw.  Everything before it was
- * expired (or not due) then, and the index entries of expired lots stay
- * in lot_due_idx until vacuum: a search from the start would step over
- * every lot expired since, once per call (a backlog of a million lots made
- * that a quadratic walk).  New lots expire in the future; a lot can become
- * due again before the hint only when a cancelled use gives points back to
- * an expired lot, so a search that finds nothing past the hint looks once
- * from the start.  Expiry is exact without the job: such points are only
- * written as expired a little later.
+ * Where this backend's next search for due lots starts (see PointsHint):
+ * the expires_at of the first due lot the last search saw.  New lots
+ * expire in the future; points given back to an expired lot by a cancelled
+ * use, or lots a rolled-back call had expired, can be due before it: they
+ * are found by the next search from the beginning.  Expiry is exact
+ * without the job: such points are only written as expired a little later.
  */
-static bool scan_from_set = false;
-static TimestampTz scan_from;
+static PointsHint due_hint;
 
 /* the predicate of lot_due_idx (remaining > 0), on a version */
 static bool
@@ -281,36 +290,38 @@ static int64
 FindDueUsers(TimestampTz now, int32 max_lots, int64 **out)
 {
 	static const Oid types[3] = {TIMESTAMPTZOID, INT4OID, INT4OID};
+	static const char *const cols[] = {"expires_at", NULL};
 	Oid			relid = PointsRelid("lot");
 	Relation	lot = table_open(relid, AccessShareLock);
-	Relation	index = PointsOpenIndex(lot, "lot_due_idx", "expires_at", NULL);
+	Relation	index = PointsOpenIndex(lot, "lot_due_idx", cols);
 	int64	   *users = palloc(sizeof(int64) * (POINTS_BATCH_MAX_USERS + 1));
 	int64		n = 0;
 
 	if (index)
 	{
 		ScanKeyData keys[2];
-		Datum	   *first = palloc(sizeof(Datum) * (POINTS_BATCH_MAX_USERS + 1));
+		int64	   *first = palloc(sizeof(int64) * (POINTS_BATCH_MAX_USERS + 1));
 		AttrNumber	a_remaining = attnameAttNum(lot, "remaining", false);
+		int64		from = DT_NOBEGIN;
+		bool		from_hint = PointsHintUse(&due_hint, &from);
 		int64		rows;
 
-		for (bool from_hint = scan_from_set;; from_hint = false)
+		for (;;)
 		{
 			ScanKeyInit(&keys[0], 1, BTLessEqualStrategyNumber, F_TIMESTAMPTZ_LE,
 						TimestampTzGetDatum(now));
 			ScanKeyInit(&keys[1], 1, BTGreaterEqualStrategyNumber, F_TIMESTAMPTZ_GE,
-						TimestampTzGetDatum(from_hint ? scan_from : DT_NOBEGIN));
+						TimestampTzGetDatum(from_hint ? from : DT_NOBEGIN));
 			n = PointsFirstUsers(lot, index, keys, 2, LotHasPoints, &a_remaining,
 								 attnameAttNum(lot, "user_id", false),
 								 attnameAttNum(lot, "expires_at", false),
 								 max_lots, POINTS_BATCH_MAX_USERS, users, first, &rows);
 			if (rows > 0 || !from_hint)
 				break;
-			/* nothing past the hint: from the start */
+			PointsHintMissed(&due_hint);	/* nothing past the hint: from the start */
+			from_hint = false;
 		}
-		scan_from_set = n > 0;
-		if (n > 0)
-			scan_from = DatumGetTimestampTz(first[0]);
+		PointsHintSet(&due_hint, n > 0, n > 0 ? first[0] : 0);
 	}
 	else
 	{

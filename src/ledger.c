@@ -77,8 +77,9 @@ static SPIPlanPtr plan_restore;
 static bool
 ReadAccount(int64 user_id, bool create, PointsAccount *acct)
 {
+	static const char *const cols[] = {"user_id", NULL};
 	Relation	account = table_open(PointsRelid("account"), AccessShareLock);
-	Relation	index = PointsOpenIndex(account, "account_pkey", "user_id", NULL);
+	Relation	index = PointsOpenIndex(account, "account_pkey", cols);
 	bool		answered = false;
 
 	if (index)
@@ -594,7 +595,7 @@ Spendable(PointsAccount *acct, int64 user_id, TimestampTz now)
 	static const Oid types[2] = {INT8OID, TIMESTAMPTZOID};
 	Datum		values[2];
 	Relation	lot = table_open(PointsRelid("lot"), AccessShareLock);
-	Relation	index = PointsOpenIndex(lot, "lot_user_idx", "user_id", "expires_at");
+	Relation	index = PointsOpenLotUserIndex(lot);
 
 	if (index)
 	{
@@ -649,8 +650,10 @@ TakeFromLots(int64 user_id, int64 amount, TimestampTz now, int64 tx_id)
 
 	relids[0] = PointsRelid("lot");
 	relids[1] = PointsRelid("use_lot");
+	/* this transaction's writes so far are seen, and its writes here not */
+	CommandCounterIncrement();
 	PointsBulkBegin(bulk, relids, 2);
-	index = PointsOpenIndex(bulk->tables[0].rel, "lot_user_idx", "user_id", "expires_at");
+	index = PointsOpenLotUserIndex(bulk->tables[0].rel);
 	direct = index != NULL && PointsBulkUsable(bulk);
 	if (direct)
 	{
@@ -663,7 +666,6 @@ TakeFromLots(int64 user_id, int64 amount, TimestampTz now, int64 tx_id)
 					u_lot = PointsBulkAttnum(bulk, 1, "lot_id") - 1,
 					u_taken = PointsBulkAttnum(bulk, 1, "taken") - 1;
 
-		CommandCounterIncrement();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		PointsLotScanBegin(&scan, bulk->tables[0].rel, index);
 		PointsLotScanUser(&scan, user_id, now, false);

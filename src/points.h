@@ -246,8 +246,20 @@ extern bool PointsLockBatchUsers(bool create, TimestampTz now, const int64 *cand
 								 uint64 ncand, uint64 max_rows, bool *got,
 								 PointsAccountSet *set);
 extern PointsAccountState *PointsFindAccount(PointsAccountSet *set, int64 user_id);
-extern Relation PointsOpenIndex(Relation rel, const char *name, const char *col1,
-							   const char *col2);
+extern Relation PointsOpenIndex(Relation rel, const char *name, const char *const *cols);
+extern Relation PointsOpenLotUserIndex(Relation lot);
+
+typedef struct PointsHint
+{
+	bool		set;
+	int64		value;
+	uint64		epoch;			/* of the aborts seen when it was set */
+	TimestampTz from_start_at;	/* the last search from the beginning */
+} PointsHint;
+
+extern bool PointsHintUse(PointsHint *h, int64 *value);
+extern void PointsHintMissed(PointsHint *h);
+extern void PointsHintSet(PointsHint *h, bool set, int64 value);
 typedef bool (*PointsRowCheck) (TupleTableSlot *slot, void *arg);
 
 /* a lot holding points, as a direct read finds it */
@@ -280,7 +292,7 @@ extern void PointsLotScanEnd(PointsLotScan *s);
 extern int	PointsFirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
 							 PointsRowCheck check, void *arg, AttrNumber user_att,
 							 AttrNumber key_att, int64 max_rows, int max_users,
-							 int64 *users, Datum *first, int64 *rows);
+							 int64 *users, int64 *first, int64 *rows);
 extern void PointsBatchAdd(PointsTxBatch *b, int64 user_id, int64 user_seq,
 						   const char *kind, int64 amount, int64 balance_after,
 						   text *key, text *reason, Datum metadata,

@@ -60,15 +60,13 @@ static SPIPlanPtr plan_keys;
 static SPIPlanPtr plan_mark;
 
 /*
- * Where this backend's next batch starts looking for queued requests.  The
- * requests a batch marks stay in request_queued_idx as dead entries until
- * vacuum; without a starting point every batch of a long run would step
- * over all of them again.  Nothing below the hint can be missed for long:
- * a lower request_id still queued (a user that was busy, or a caller that
- * committed late) is found when a batch past the hint finds nothing and
- * looks once from the start, which is how every run of batches ends.
+ * Where this backend's next batch starts looking for queued requests (see
+ * PointsHint): the requests a batch marks stay in request_queued_idx as
+ * dead entries until vacuum.  A lower request_id still queued (a user that
+ * was busy, a caller that committed late, a batch that rolled back) is
+ * found by the next search from the beginning.
  */
-static int64 queue_scan_from = 0;
+static PointsHint queue_hint;
 
 /*
  * points_earn_async
@@ -246,35 +244,37 @@ static uint64
 FindQueuedUsers(int32 max_requests, int64 **users, int64 **min_id)
 {
 	static const Oid t_users[3] = {INT4OID, INT4OID, INT8OID};
+	static const char *const cols[] = {"request_id", NULL};
 	Oid			relid = PointsRelid("request");
 	Relation	request = table_open(relid, AccessShareLock);
-	Relation	index = PointsOpenIndex(request, "request_queued_idx", "request_id", NULL);
+	Relation	index = PointsOpenIndex(request, "request_queued_idx", cols);
+	int64		from = 0;
 	int			max_users = POINTS_BATCH_MAX_USERS + 1;
 	uint64		n = 0;
 
+	if (!PointsHintUse(&queue_hint, &from))
+		from = 0;
 	*users = palloc(sizeof(int64) * (max_users + 1));
 	*min_id = palloc(sizeof(int64) * (max_users + 1));
 	if (index)
 	{
 		ScanKeyData key;
-		Datum	   *first = palloc(sizeof(Datum) * (max_users + 1));
 		AttrNumber	a_state = attnameAttNum(request, "state", false);
 		int64		rows;
 
 		for (;;)
 		{
 			ScanKeyInit(&key, 1, BTGreaterEqualStrategyNumber, F_INT8GE,
-						Int64GetDatum(queue_scan_from));
+						Int64GetDatum(from));
 			n = PointsFirstUsers(request, index, &key, 1, RequestQueued, &a_state,
 								 attnameAttNum(request, "user_id", false),
 								 attnameAttNum(request, "request_id", false),
-								 max_requests, max_users, *users, first, &rows);
-			if (rows > 0 || queue_scan_from == 0)
+								 max_requests, max_users, *users, *min_id, &rows);
+			if (rows > 0 || from == 0)
 				break;
-			queue_scan_from = 0;	/* past the hint nothing: from the start */
+			PointsHintMissed(&queue_hint);	/* past the hint nothing: from the start */
+			from = 0;
 		}
-		for (uint64 i = 0; i < n; i++)
-			(*min_id)[i] = DatumGetInt64(first[i]);
 		index_close(index, NoLock);
 	}
 	else
@@ -283,7 +283,7 @@ FindQueuedUsers(int32 max_requests, int64 **users, int64 **min_id)
 
 		values[0] = Int32GetDatum(max_requests);
 		values[1] = Int32GetDatum(max_users);
-		values[2] = Int64GetDatum(queue_scan_from);
+		values[2] = Int64GetDatum(from);
 		PointsPlan(&plan_queued_users,
 				   "SELECT user_id, min(request_id) FROM ("
 				   "  SELECT user_id, request_id FROM points.request"
@@ -292,11 +292,11 @@ FindQueuedUsers(int32 max_requests, int64 **users, int64 **min_id)
 				   " GROUP BY user_id ORDER BY min(request_id) LIMIT $2",
 				   3, t_users);
 		PointsExec(plan_queued_users, values, NULL, false, 0);
-		if (SPI_processed == 0 && queue_scan_from > 0)
+		if (SPI_processed == 0 && from > 0)
 		{
 			/* past the hint nothing: look once from the start */
-			queue_scan_from = 0;
-			values[2] = Int64GetDatum(queue_scan_from);
+			PointsHintMissed(&queue_hint);
+			values[2] = Int64GetDatum(0);
 			PointsExec(plan_queued_users, values, NULL, false, 0);
 		}
 		for (n = 0; n < SPI_processed; n++)
@@ -689,7 +689,7 @@ points_apply_queued(PG_FUNCTION_ARGS)
 		while ((e = hash_seq_search(&seq)) != NULL)
 			next_from = Min(next_from, e[1] + 1);
 	}
-	queue_scan_from = next_from == PG_INT64_MAX ? 0 : next_from;
+	PointsHintSet(&queue_hint, next_from != PG_INT64_MAX, next_from);
 	SPI_finish();
 	PG_RETURN_INT64(nreq);
 }
