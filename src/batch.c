@@ -371,21 +371,20 @@ PointsLotScanEnd(PointsLotScan *s)
 }
 
 /*
- * PointsFirstUsers
+ * FirstUsers
  *		Walk index (of rel) forward within keys[] over the rows that check
  *		accepts (the index's predicate, tested on each version), at most
  *		max_rows of them, and collect their users (column user_att) in the
  *		order of each one's first row, at most max_users; first[i] gets
- *		column key_att (an int8 or a timestamptz) of user i's first row.  Under a snapshot taken now.
- *		*rows gets how many rows were read.  Returns how many users.  A
- *		batch job's search for work: it stops at the last user it can take,
- *		where a statement would read max_rows rows to group them.
+ *		column key_att (an int8 or a timestamptz) of user i's first row.
+ *		Under a snapshot taken now.  *rows gets how many rows were read.
+ *		Returns how many users.
  */
-int
-PointsFirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
-				 PointsRowCheck check, void *arg, AttrNumber user_att,
-				 AttrNumber key_att, int64 max_rows, int max_users,
-				 int64 *users, int64 *first, int64 *rows)
+static int
+FirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
+		   PointsRowCheck check, void *arg, AttrNumber user_att,
+		   AttrNumber key_att, int64 max_rows, int max_users,
+		   int64 *users, int64 *first, int64 *rows)
 {
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
 	IndexScanDesc scan;
@@ -429,6 +428,46 @@ PointsFirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
 	hash_destroy(seen);
 	*rows = read;
 	return n;
+}
+
+/*
+ * PointsFirstUsers
+ *		A batch job's search for work: FirstUsers from the hint on (rows
+ *		whose first key column is at least its value, compared by ge_proc),
+ *		or from the beginning when the hint is not usable or nothing lies
+ *		past it.  It stops at the last user the batch can take, where a
+ *		statement would read max_rows rows to group them.  The caller sets
+ *		the hint for the next search.
+ */
+int
+PointsFirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
+				 RegProcedure ge_proc, PointsHint *hint,
+				 PointsRowCheck check, void *arg, AttrNumber user_att,
+				 AttrNumber key_att, int64 max_rows, int max_users,
+				 int64 *users, int64 *first)
+{
+	ScanKeyData all[INDEX_MAX_KEYS + 1];
+	int64		from = 0;
+	bool		use = PointsHintUse(hint, &from);
+
+	Assert(nkeys < INDEX_MAX_KEYS);
+	if (nkeys > 0)
+		memcpy(all, keys, sizeof(ScanKeyData) * nkeys);
+	for (;;)
+	{
+		int			n;
+		int64		rows;
+
+		if (use)
+			ScanKeyInit(&all[nkeys], 1, BTGreaterEqualStrategyNumber, ge_proc,
+						Int64GetDatum(from));
+		n = FirstUsers(rel, index, all, nkeys + (use ? 1 : 0), check, arg, user_att,
+					   key_att, max_rows, max_users, users, first, &rows);
+		if (rows > 0 || !use)
+			return n;
+		PointsHintMissed(hint); /* nothing past the hint: from the start */
+		use = false;
+	}
 }
 
 /*

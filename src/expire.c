@@ -299,28 +299,17 @@ FindDueUsers(TimestampTz now, int32 max_lots, int64 **out)
 
 	if (index)
 	{
-		ScanKeyData keys[2];
+		ScanKeyData key;
 		int64	   *first = palloc(sizeof(int64) * (POINTS_BATCH_MAX_USERS + 1));
 		AttrNumber	a_remaining = attnameAttNum(lot, "remaining", false);
-		int64		from = DT_NOBEGIN;
-		bool		from_hint = PointsHintUse(&due_hint, &from);
-		int64		rows;
 
-		for (;;)
-		{
-			ScanKeyInit(&keys[0], 1, BTLessEqualStrategyNumber, F_TIMESTAMPTZ_LE,
-						TimestampTzGetDatum(now));
-			ScanKeyInit(&keys[1], 1, BTGreaterEqualStrategyNumber, F_TIMESTAMPTZ_GE,
-						TimestampTzGetDatum(from_hint ? from : DT_NOBEGIN));
-			n = PointsFirstUsers(lot, index, keys, 2, LotHasPoints, &a_remaining,
-								 attnameAttNum(lot, "user_id", false),
-								 attnameAttNum(lot, "expires_at", false),
-								 max_lots, POINTS_BATCH_MAX_USERS, users, first, &rows);
-			if (rows > 0 || !from_hint)
-				break;
-			PointsHintMissed(&due_hint);	/* nothing past the hint: from the start */
-			from_hint = false;
-		}
+		ScanKeyInit(&key, 1, BTLessEqualStrategyNumber, F_TIMESTAMPTZ_LE,
+					TimestampTzGetDatum(now));
+		n = PointsFirstUsers(lot, index, &key, 1, F_TIMESTAMPTZ_GE, &due_hint,
+							 LotHasPoints, &a_remaining,
+							 attnameAttNum(lot, "user_id", false),
+							 attnameAttNum(lot, "expires_at", false),
+							 max_lots, POINTS_BATCH_MAX_USERS, users, first);
 		PointsHintSet(&due_hint, n > 0, n > 0 ? first[0] : 0);
 	}
 	else

@@ -290,9 +290,10 @@ extern void PointsLotScanUser(PointsLotScan *s, int64 user_id, TimestampTz now, 
 extern bool PointsLotScanNext(PointsLotScan *s, PointsLot *lot);
 extern void PointsLotScanEnd(PointsLotScan *s);
 extern int	PointsFirstUsers(Relation rel, Relation index, ScanKey keys, int nkeys,
+							 RegProcedure ge_proc, PointsHint *hint,
 							 PointsRowCheck check, void *arg, AttrNumber user_att,
 							 AttrNumber key_att, int64 max_rows, int max_users,
-							 int64 *users, int64 *first, int64 *rows);
+							 int64 *users, int64 *first);
 extern void PointsBatchAdd(PointsTxBatch *b, int64 user_id, int64 user_seq,
 						   const char *kind, int64 amount, int64 balance_after,
 						   text *key, text *reason, Datum metadata,

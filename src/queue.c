@@ -248,39 +248,29 @@ FindQueuedUsers(int32 max_requests, int64 **users, int64 **min_id)
 	Oid			relid = PointsRelid("request");
 	Relation	request = table_open(relid, AccessShareLock);
 	Relation	index = PointsOpenIndex(request, "request_queued_idx", cols);
-	int64		from = 0;
 	int			max_users = POINTS_BATCH_MAX_USERS + 1;
 	uint64		n = 0;
 
-	if (!PointsHintUse(&queue_hint, &from))
-		from = 0;
 	*users = palloc(sizeof(int64) * (max_users + 1));
 	*min_id = palloc(sizeof(int64) * (max_users + 1));
 	if (index)
 	{
-		ScanKeyData key;
 		AttrNumber	a_state = attnameAttNum(request, "state", false);
-		int64		rows;
 
-		for (;;)
-		{
-			ScanKeyInit(&key, 1, BTGreaterEqualStrategyNumber, F_INT8GE,
-						Int64GetDatum(from));
-			n = PointsFirstUsers(request, index, &key, 1, RequestQueued, &a_state,
-								 attnameAttNum(request, "user_id", false),
-								 attnameAttNum(request, "request_id", false),
-								 max_requests, max_users, *users, *min_id, &rows);
-			if (rows > 0 || from == 0)
-				break;
-			PointsHintMissed(&queue_hint);	/* past the hint nothing: from the start */
-			from = 0;
-		}
+		n = PointsFirstUsers(request, index, NULL, 0, F_INT8GE, &queue_hint,
+							 RequestQueued, &a_state,
+							 attnameAttNum(request, "user_id", false),
+							 attnameAttNum(request, "request_id", false),
+							 max_requests, max_users, *users, *min_id);
 		index_close(index, NoLock);
 	}
 	else
 	{
 		Datum		values[3];
+		int64		from = 0;
 
+		if (!PointsHintUse(&queue_hint, &from))
+			from = 0;
 		values[0] = Int32GetDatum(max_requests);
 		values[1] = Int32GetDatum(max_users);
 		values[2] = Int64GetDatum(from);
