@@ -171,6 +171,33 @@ SET enable_seqscan = off;
 SELECT balance, last_seq FROM points.account WHERE user_id = 109;
 RESET enable_seqscan;
 SELECT * FROM points.verify(109);
+
+-- indexes made, changed and dropped between the calls of one session: the
+-- index list each table keeps across calls (with partial indexes'
+-- predicates and expressions compiled) follows, also a rolled-back change
+SELECT user_seq FROM points.earn(109, 1, reason => 'Before');
+CREATE INDEX test_reason_idx ON points.ledger (lower(reason)) WHERE reason IS NOT NULL;
+CREATE INDEX test_lot_idx ON points.lot ((amount % 1000)) WHERE amount > 1;
+SELECT user_seq FROM points.earn(109, 2, reason => 'Bonus A');
+SELECT user_seq FROM points.use(109, 3, reason => 'Shop B');
+BEGIN;
+CREATE INDEX test_big_idx ON points.ledger (amount) WHERE amount > 100;
+SELECT user_seq FROM points.earn(109, 101, reason => 'Bonus C');
+ROLLBACK;
+SELECT user_seq FROM points.earn(109, 102, reason => 'Bonus D');
+SELECT c.relname, bt_index_check(c.oid, true) FROM pg_class c
+WHERE c.relname IN ('test_reason_idx', 'test_lot_idx') ORDER BY 1;
+SET enable_seqscan = off;
+SET enable_bitmapscan = off;
+SELECT user_seq, reason FROM points.ledger
+WHERE lower(reason) IN ('before', 'bonus a', 'shop b', 'bonus c', 'bonus d')
+  AND reason IS NOT NULL AND user_id = 109 ORDER BY 1;
+SELECT count(*) FROM points.lot WHERE amount % 1000 = 102 AND amount > 1 AND user_id = 109;
+RESET enable_seqscan;
+RESET enable_bitmapscan;
+DROP INDEX points.test_reason_idx, points.test_lot_idx;
+SELECT user_seq FROM points.earn(109, 1);
+SELECT * FROM points.verify(109);
 DROP EXTENSION amcheck;
 
 -- a write from within a write (a CHECK whose function earns for another

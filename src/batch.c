@@ -20,7 +20,6 @@
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
-#include "catalog/pg_am.h"
 #include "miscadmin.h"
 #include "parser/parse_relation.h"
 #include "storage/proc.h"
@@ -177,51 +176,6 @@ PointsLockBatchUsers(bool create, TimestampTz now, const int64 *cand, uint64 nca
 		qsort(set->accounts, set->n, sizeof(PointsAccountState), CompareAccount);
 	}
 	return true;
-}
-
-/*
- * PointsOpenIndex
- *		Index points.<name> of the open table rel, open, if it is a valid
- *		btree whose leading key columns are cols[] (NULL-terminated), each
- *		ascending, and usable by any snapshot: what a direct read in its
- *		order needs.  NULL otherwise (dropped, being rebuilt, changed by
- *		hand): the caller reads through SQL.
- */
-Relation
-PointsOpenIndex(Relation rel, const char *name, const char *const *cols)
-{
-	Oid			id = get_relname_relid(name, RelationGetNamespace(rel));
-	Relation	index;
-	Form_pg_index form;
-	bool		ok;
-
-	if (!OidIsValid(id))
-		return NULL;
-	index = index_open(id, AccessShareLock);
-	form = index->rd_index;
-	ok = form->indrelid == RelationGetRelid(rel) && form->indisvalid &&
-		!form->indcheckxmin && index->rd_rel->relam == BTREE_AM_OID;
-	for (int c = 0; ok && cols[c] != NULL; c++)
-		ok = c < form->indnkeyatts &&
-			form->indkey.values[c] == attnameAttNum(rel, cols[c], false) &&
-			index->rd_indoption[c] == 0;
-	if (ok)
-		return index;
-	index_close(index, AccessShareLock);
-	return NULL;
-}
-
-/*
- * PointsOpenLotUserIndex
- *		lot_user_idx of table lot: (user_id, expires_at, lot_id), a user's
- *		lots in use order.
- */
-Relation
-PointsOpenLotUserIndex(Relation lot)
-{
-	static const char *const cols[] = {"user_id", "expires_at", "lot_id", NULL};
-
-	return PointsOpenIndex(lot, "lot_user_idx", cols);
 }
 
 /*

@@ -20,9 +20,11 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/index.h"
 #include "executor/executor.h"
 #include "nodes/makefuncs.h"
 #include "parser/parse_relation.h"
@@ -35,16 +37,22 @@
 #include "points.h"
 
 /*
- * A table's CHECK constraints and column defaults, compiled once and kept
+ * A table's CHECK constraints, column defaults and indexes (their
+ * IndexInfo, partial indexes' predicates compiled), made once and kept
  * across calls.  An INSERT reads them back from the catalog and compiles
  * them for every statement: for an earn, one row a table, that was a third
- * of the direct insert's instructions.  An entry is dropped when the
- * table's relcache entry is invalidated (ALTER TABLE, a new or dropped
- * constraint or default, DROP EXTENSION; also a rolled-back one), which
- * happens at the latest when PointsBulkBegin opens the table.  An entry
+ * of the direct insert's instructions (the indexes another ~20,000 of a
+ * W1 call's ~340,000).  An entry is dropped when the relcache entry of the
+ * table or of one of its indexes is invalidated (ALTER TABLE, a new or
+ * dropped constraint, default or index, an index made valid or ready,
+ * DROP EXTENSION; also a rolled-back one), which happens at the latest
+ * when PointsBulkBegin opens the table, as ExecOpenIndices reads the
+ * index list after the table's lock.  An entry
  * in use (a constraint whose function writes points again) is not shared:
  * the nested insert compiles its own.
  */
+#define COMPILED_ATTNUMS	32
+
 typedef struct Compiled
 {
 	Oid			relid;			/* InvalidOid: a free slot */
@@ -55,6 +63,14 @@ typedef struct Compiled
 	int			ndefaults;
 	int		   *default_attno;
 	ExprState **defaults;
+	/* its indexes, as ExecOpenIndices finds them, predicates compiled */
+	int			nindexes;
+	Oid		   *index_oids;
+	IndexInfo **index_info;
+	/* columns looked up by PointsBulkAttnum: the callers' names */
+	int			nattnums;
+	const char *attnames[COMPILED_ATTNUMS];
+	AttrNumber	attnums[COMPILED_ATTNUMS];
 } Compiled;
 
 #define COMPILED_MAX	8
@@ -66,11 +82,17 @@ static void
 CompiledInvalidate(Datum arg, Oid relid)
 {
 	for (int i = 0; i < COMPILED_MAX; i++)
+	{
 		if (relid == InvalidOid || compiled[i].relid == relid)
 			compiled[i].valid = false;
+		for (int x = 0; x < compiled[i].nindexes && compiled[i].valid; x++)
+			if (compiled[i].index_oids[x] == relid)
+				compiled[i].valid = false;
+	}
 }
 
 static void CompiledRelease(XactEvent event, void *arg);
+static void CompileIndexes(Relation rel, Compiled *c);
 
 /* once a backend: the relcache and transaction-end callbacks */
 static void
@@ -178,9 +200,9 @@ CompileDefaults(Relation rel, EState *estate, int **attno, ExprState ***defaults
 
 /*
  * GetCompiled
- *		The compiled constraints and defaults of open table rel, marked in
- *		use; NULL when they are in use already (the caller compiles its
- *		own).
+ *		The compiled constraints, defaults and indexes of open table rel,
+ *		marked in use; NULL when they are in use already (the caller
+ *		compiles its own).
  */
 static Compiled *
 GetCompiled(Relation rel)
@@ -211,6 +233,7 @@ GetCompiled(Relation rel)
 		return NULL;
 
 	/* (re)build it in an executor state of its own, under the cache */
+	c->nindexes = 0;
 	if (c->estate)
 		FreeExecutorState(c->estate);
 	c->estate = NULL;
@@ -225,10 +248,66 @@ GetCompiled(Relation rel)
 		c->checks[i] = ExecPrepareExpr((Expr *) stringToNode(constr->check[i].ccbin),
 									   c->estate);
 	c->ndefaults = CompileDefaults(rel, c->estate, &c->default_attno, &c->defaults);
+	c->nattnums = 0;
+	c->nindexes = 0;
+	CompileIndexes(rel, c);
 	MemoryContextSwitchTo(outer);
-	c->valid = true;
 	c->in_use = true;
 	return c;
+}
+
+/*
+ * CompileIndexes
+ *		The indexes of rel and their IndexInfo, as ExecOpenIndices builds
+ *		them for each statement, with predicates and expressions compiled
+ *		(ExecInsertIndexTuples would compile them for every statement).  In
+ *		the current memory context, c's.  c is valid when done unless the
+ *		catalog changed meanwhile (then this call uses it, the next builds
+ *		it again).
+ */
+static void
+CompileIndexes(Relation rel, Compiled *c)
+{
+	List	   *list = RelationGetIndexList(rel);
+	int			n = 0;
+	ListCell   *lc;
+
+	c->index_oids = palloc(sizeof(Oid) * (list_length(list) + 1));
+	c->index_info = palloc(sizeof(IndexInfo *) * (list_length(list) + 1));
+	foreach(lc, list)
+		c->index_oids[n++] = lfirst_oid(lc);
+	list_free(list);
+	/* from here on a change to any of them invalidates c */
+	c->nindexes = n;
+	c->valid = true;
+	for (int x = 0; x < n; x++)
+	{
+		Relation	index = index_open(c->index_oids[x], RowExclusiveLock);
+		IndexInfo  *ii = BuildIndexInfo(index);
+
+		if (ii->ii_Predicate != NIL)
+			ii->ii_PredicateState = ExecPrepareQual(ii->ii_Predicate, c->estate);
+		if (ii->ii_Expressions != NIL)
+			ii->ii_ExpressionsState = ExecPrepareExprList(ii->ii_Expressions, c->estate);
+		c->index_info[x] = ii;
+		index_close(index, RowExclusiveLock);
+	}
+}
+
+/*
+ * OpenIndexes
+ *		ExecOpenIndices for rri, from c's cached list and IndexInfo.
+ */
+static void
+OpenIndexes(ResultRelInfo *rri, Compiled *c)
+{
+	rri->ri_NumIndices = c->nindexes;
+	if (c->nindexes == 0)
+		return;
+	rri->ri_IndexRelationDescs = palloc(sizeof(Relation) * c->nindexes);
+	rri->ri_IndexRelationInfo = c->index_info;
+	for (int x = 0; x < c->nindexes; x++)
+		rri->ri_IndexRelationDescs[x] = index_open(c->index_oids[x], RowExclusiveLock);
 }
 
 /*
@@ -267,12 +346,15 @@ PointsBulkBegin(PointsBulk *bulk, const Oid *relids, int n)
 		t->rel = table_open(relids[i], RowExclusiveLock);
 		t->rri = makeNode(ResultRelInfo);
 		InitResultRelInfo(t->rri, t->rel, i + 1, NULL, 0);
-		ExecOpenIndices(t->rri, false);
 		/* a copy that is not reference-counted: slots need not pin it */
 		t->desc = CreateTupleDescCopy(RelationGetDescr(t->rel));
 		t->n = 0;
-		/* its constraints and each column's default, compiled */
+		/* its indexes, constraints and each column's default, compiled */
 		t->compiled = GetCompiled(t->rel);
+		if (t->compiled)
+			OpenIndexes(t->rri, t->compiled);
+		else
+			ExecOpenIndices(t->rri, false);
 		if (t->compiled)
 		{
 			t->rri->ri_ConstraintExprs = t->compiled->checks;
@@ -317,11 +399,23 @@ PointsBulkUsable(PointsBulk *bulk)
 AttrNumber
 PointsBulkAttnum(PointsBulk *bulk, int i, const char *name)
 {
-	int			attnum = attnameAttNum(bulk->tables[i].rel, name, false);
+	Compiled   *c = bulk->tables[i].compiled;
+	int			attnum;
 
+	/* the callers' names are literals: the same address, the same name */
+	if (c != NULL)
+		for (int a = 0; a < c->nattnums; a++)
+			if (c->attnames[a] == name && strcmp(c->attnames[a], name) == 0)
+				return c->attnums[a];
+	attnum = attnameAttNum(bulk->tables[i].rel, name, false);
 	if (attnum <= 0)
 		elog(ERROR, "points: column \"%s\" of %s is missing", name,
 			 RelationGetRelationName(bulk->tables[i].rel));
+	if (c != NULL && c->nattnums < COMPILED_ATTNUMS)
+	{
+		c->attnames[c->nattnums] = name;
+		c->attnums[c->nattnums++] = (AttrNumber) attnum;
+	}
 	return (AttrNumber) attnum;
 }
 

@@ -17,7 +17,6 @@
 #include "postgres.h"
 
 #include "access/xact.h"
-#include "catalog/namespace.h"
 #include "commands/sequence.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
@@ -28,21 +27,6 @@
 #include "utils/timestamp.h"
 
 #include "points.h"
-
-/*
- * PointsRelid
- *		The OID of relation points.<name>, from the catalog caches (it
- *		changes when the extension is made again); an error if it is missing.
- */
-Oid
-PointsRelid(const char *name)
-{
-	Oid			relid = get_relname_relid(name, get_namespace_oid("points", false));
-
-	if (!OidIsValid(relid))
-		elog(ERROR, "points: relation points.%s is missing", name);
-	return relid;
-}
 
 /*
  * PointsNextTxId

@@ -102,8 +102,12 @@ extern void PointsNoteQueued(void);
 extern bool PointsTakeQueuePending(void);
 extern void PointsSetRelayActive(bool active);
 
-/* event.c: the outbox event of a ledger transaction */
+/* catalog.c: the extension's relations, looked up once a backend */
 extern Oid	PointsRelid(const char *name);
+extern Relation PointsOpenIndex(Relation rel, const char *name, const char *const *cols);
+extern Relation PointsOpenLotUserIndex(Relation lot);
+
+/* event.c: the outbox event of a ledger transaction */
 extern int64 PointsNextTxId(Oid seq);
 extern int	PointsFormatTime(TimestampTz t, char *buf);
 extern Datum PointsEventPayload(int64 tx_id, int64 user_id, int64 user_seq,
@@ -246,8 +250,6 @@ extern bool PointsLockBatchUsers(bool create, TimestampTz now, const int64 *cand
 								 uint64 ncand, uint64 max_rows, bool *got,
 								 PointsAccountSet *set);
 extern PointsAccountState *PointsFindAccount(PointsAccountSet *set, int64 user_id);
-extern Relation PointsOpenIndex(Relation rel, const char *name, const char *const *cols);
-extern Relation PointsOpenLotUserIndex(Relation lot);
 
 typedef struct PointsHint
 {
