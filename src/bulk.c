@@ -57,7 +57,8 @@ typedef struct Compiled
 {
 	Oid			relid;			/* InvalidOid: a free slot */
 	bool		valid;
-	bool		in_use;
+	bool		stale;			/* invalidated since its build began */
+	bool		in_use;			/* also while being built */
 	EState	   *estate;			/* owns what follows */
 	ExprState **checks;			/* as ResultRelInfo.ri_ConstraintExprs */
 	int			ndefaults;
@@ -67,9 +68,11 @@ typedef struct Compiled
 	int			nindexes;
 	Oid		   *index_oids;
 	IndexInfo **index_info;
-	/* columns looked up by PointsBulkAttnum: the callers' names */
+	/* columns looked up by PointsBulkAttnum: the callers' names (where
+	 * they were, and a copy), their numbers */
 	int			nattnums;
-	const char *attnames[COMPILED_ATTNUMS];
+	const char *attptrs[COMPILED_ATTNUMS];
+	char		attnames[COMPILED_ATTNUMS][NAMEDATALEN];
 	AttrNumber	attnums[COMPILED_ATTNUMS];
 } Compiled;
 
@@ -83,11 +86,15 @@ CompiledInvalidate(Datum arg, Oid relid)
 {
 	for (int i = 0; i < COMPILED_MAX; i++)
 	{
-		if (relid == InvalidOid || compiled[i].relid == relid)
+		bool		hit = relid == InvalidOid || compiled[i].relid == relid;
+
+		for (int x = 0; x < compiled[i].nindexes && !hit; x++)
+			hit = compiled[i].index_oids[x] == relid;
+		if (hit)
+		{
 			compiled[i].valid = false;
-		for (int x = 0; x < compiled[i].nindexes && compiled[i].valid; x++)
-			if (compiled[i].index_oids[x] == relid)
-				compiled[i].valid = false;
+			compiled[i].stale = true;
+		}
 	}
 }
 
@@ -232,13 +239,20 @@ GetCompiled(Relation rel)
 	if (c->in_use)
 		return NULL;
 
-	/* (re)build it in an executor state of its own, under the cache */
+	/*
+	 * (Re)build it in an executor state of its own, under the cache.  In use
+	 * and not valid meanwhile: an error leaves it so until the transaction
+	 * ends (then the next call builds it again), and a nested call (a
+	 * function folded while compiling that writes points) builds its own.
+	 */
+	c->in_use = true;
+	c->valid = false;
+	c->stale = false;
 	c->nindexes = 0;
 	if (c->estate)
 		FreeExecutorState(c->estate);
 	c->estate = NULL;
 	c->relid = relid;
-	c->valid = false;
 	outer = MemoryContextSwitchTo(CacheMemoryContext);
 	c->estate = CreateExecutorState();
 	MemoryContextSwitchTo(c->estate->es_query_cxt);
@@ -252,7 +266,8 @@ GetCompiled(Relation rel)
 	c->nindexes = 0;
 	CompileIndexes(rel, c);
 	MemoryContextSwitchTo(outer);
-	c->in_use = true;
+	/* a change seen while building: this call uses it, the next rebuilds */
+	c->valid = !c->stale;
 	return c;
 }
 
@@ -261,9 +276,7 @@ GetCompiled(Relation rel)
  *		The indexes of rel and their IndexInfo, as ExecOpenIndices builds
  *		them for each statement, with predicates and expressions compiled
  *		(ExecInsertIndexTuples would compile them for every statement).  In
- *		the current memory context, c's.  c is valid when done unless the
- *		catalog changed meanwhile (then this call uses it, the next builds
- *		it again).
+ *		the current memory context, c's.
  */
 static void
 CompileIndexes(Relation rel, Compiled *c)
@@ -273,13 +286,12 @@ CompileIndexes(Relation rel, Compiled *c)
 	ListCell   *lc;
 
 	c->index_oids = palloc(sizeof(Oid) * (list_length(list) + 1));
-	c->index_info = palloc(sizeof(IndexInfo *) * (list_length(list) + 1));
+	c->index_info = palloc0(sizeof(IndexInfo *) * (list_length(list) + 1));
 	foreach(lc, list)
 		c->index_oids[n++] = lfirst_oid(lc);
 	list_free(list);
-	/* from here on a change to any of them invalidates c */
+	/* from here on a change to any of them makes c stale */
 	c->nindexes = n;
-	c->valid = true;
 	for (int x = 0; x < n; x++)
 	{
 		Relation	index = index_open(c->index_oids[x], RowExclusiveLock);
@@ -307,7 +319,11 @@ OpenIndexes(ResultRelInfo *rri, Compiled *c)
 	rri->ri_IndexRelationDescs = palloc(sizeof(Relation) * c->nindexes);
 	rri->ri_IndexRelationInfo = c->index_info;
 	for (int x = 0; x < c->nindexes; x++)
+	{
 		rri->ri_IndexRelationDescs[x] = index_open(c->index_oids[x], RowExclusiveLock);
+		/* decided again by each statement's first update (its hint) */
+		c->index_info[x]->ii_CheckedUnchanged = false;
+	}
 }
 
 /*
@@ -402,18 +418,19 @@ PointsBulkAttnum(PointsBulk *bulk, int i, const char *name)
 	Compiled   *c = bulk->tables[i].compiled;
 	int			attnum;
 
-	/* the callers' names are literals: the same address, the same name */
+	/* the callers' names are literals: found by address, checked by text */
 	if (c != NULL)
 		for (int a = 0; a < c->nattnums; a++)
-			if (c->attnames[a] == name && strcmp(c->attnames[a], name) == 0)
+			if (c->attptrs[a] == name && strcmp(c->attnames[a], name) == 0)
 				return c->attnums[a];
 	attnum = attnameAttNum(bulk->tables[i].rel, name, false);
 	if (attnum <= 0)
 		elog(ERROR, "points: column \"%s\" of %s is missing", name,
 			 RelationGetRelationName(bulk->tables[i].rel));
-	if (c != NULL && c->nattnums < COMPILED_ATTNUMS)
+	if (c != NULL && c->nattnums < COMPILED_ATTNUMS && strlen(name) < NAMEDATALEN)
 	{
-		c->attnames[c->nattnums] = name;
+		c->attptrs[c->nattnums] = name;
+		strlcpy(c->attnames[c->nattnums], name, NAMEDATALEN);
 		c->attnums[c->nattnums++] = (AttrNumber) attnum;
 	}
 	return (AttrNumber) attnum;

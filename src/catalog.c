@@ -99,6 +99,7 @@ static Oid
 Lookup(const char *name, CachedRel **entry)
 {
 	CachedRel  *c = Find(name);
+	uint64		before = generation;
 	Oid			relid;
 
 	*entry = c;
@@ -113,7 +114,10 @@ Lookup(const char *name, CachedRel **entry)
 	if (!OidIsValid(schema))
 		schema = get_namespace_oid("points", false);
 	relid = get_relname_relid(name, schema);
-	if (OidIsValid(relid) && ncached < CACHED_MAX && strlen(name) < NAMEDATALEN)
+	/* kept only if no invalidation came meanwhile (a catalog read on a
+	 * cache miss takes them): the answer may predate it */
+	if (OidIsValid(relid) && generation == before && OidIsValid(schema) &&
+		ncached < CACHED_MAX && strlen(name) < NAMEDATALEN)
 	{
 		c = &cached[ncached++];
 		strlcpy(c->name, name, NAMEDATALEN);
