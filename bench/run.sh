@@ -90,7 +90,7 @@ pg_virtualenv -t \
     -o fsync=on -o synchronous_commit=on \
     -o "shared_preload_libraries=$PRELOAD" "${PROFILE_OPTS[@]}" \
     -o shared_buffers=1GB -o max_connections=200 \
-    -o max_wal_size=8GB -o checkpoint_timeout=30min -o log_checkpoints=on \
+    -o max_wal_size=8GB -o min_wal_size=4GB -o checkpoint_timeout=30min -o log_checkpoints=on \
     -o "points.expire_interval=1h" -o "points.archive_interval=1h" \
     -c "-p $PGPORT" \
     bash "$BENCH/workloads.sh"

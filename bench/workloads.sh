@@ -160,6 +160,9 @@ probe_load() {
     cat "$OUT/runs/probe-$label.txt" >&2
 }
 kv() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" "$2"; }
+# lsn - the WAL insert position; wal_bytes A B - bytes of WAL between two
+lsn() { q -c "SELECT pg_current_wal_insert_lsn()"; }
+wal_bytes() { q -c "SELECT pg_wal_lsn_diff('$2', '$1')::bigint"; }
 
 # quiesce - before an "idle" probe: a checkpoint, then wait (at most 45 s)
 # until no autovacuum worker runs and the points worker is idle (twice in
@@ -211,6 +214,26 @@ setup() {
     q -c "VACUUM ANALYZE" -c "CHECKPOINT"
     [[ -z $(q -c "SELECT 1 FROM points.verify(1) UNION ALL SELECT 1 FROM points.verify($USERS)") ]] ||
         { log "set-up: points.verify found an inconsistent account"; return 1; }
+    warm_wal
+}
+
+# warm_wal - give the new cluster the WAL segment files a server that has run
+# a while keeps. In a new cluster every 16 MB of WAL needs a new segment file,
+# zero-filled and fsynced by whichever process crosses into it while it holds
+# WALWriteLock: every commit waits meanwhile (100-300 ms here; Q2's campaign
+# crossed ~150 such boundaries). A server that has run with min_wal_size (run.sh
+# sets 4GB, README "Operations") recycles old segments at each checkpoint
+# instead. Writes BENCH_WARM_WAL_MB (default 4096; 0: none) of WAL, then a
+# checkpoint recycles them.
+warm_wal() {
+    local mb=${BENCH_WARM_WAL_MB:-4096} t0
+    ((mb > 0)) || { log "set-up: no WAL warm-up (BENCH_WARM_WAL_MB=0)"; return 0; }
+    t0=$(date +%s)
+    q -c "SELECT count(pg_logical_emit_message(false, 'bench-warm-up', repeat('x', 1048576)))
+          FROM generate_series(1, $mb)" >/dev/null || return 1
+    q -c "CHECKPOINT"
+    log "set-up: $mb MB of WAL written and recycled in $(( $(date +%s) - t0 )) s" \
+        "($(q -c "SELECT count(*) FROM pg_ls_waldir()") segment files)"
 }
 
 W1ARGS=(-D users=$USERS -c 8)
@@ -374,7 +397,7 @@ w5() {
 
 # ---- W6: expiry of 1,000,000 due lots ---------------------------------------
 w6() {
-    local lots=$((W6_USERS * 10)) stop=$OUT/runs/w6.stop out secs rate p99i p99d
+    local lots=$((W6_USERS * 10)) stop=$OUT/runs/w6.stop out secs rate p99i p99d l0 l1
     log "W6: loading $lots due lots ($W6_USERS users x 10)"
     q -v ubase=$W6_BASE -v nu=$W6_USERS -v k=10 -v amount=10 -v created="now() - interval '2 days'" \
         -v expires="now() - interval '1 hour' + s * interval '1 second'" -v reason="bench w6" \
@@ -385,14 +408,17 @@ w6() {
     log "W6: expire_due(10000) until done, probe meanwhile"
     rm -f "$stop"
     probe_load w6-during "$stop" &
+    l0=$(lsn)
     out=$(PGOPTIONS="-c bench.batch=10000 -c bench.max_s=600" psql -X -q -f "$SQL/expire_loop.sql" 2>&1)
+    l1=$(lsn)
     touch "$stop"
     wait
     echo "$out" >&2
     read -r n secs <<<"$(echo "$out" | sed -n 's/.*expired \([0-9]*\) lots in [0-9]* calls, \([0-9.]*\) s.*/\1 \2/p')"
     rate=$(calc "${n:-0} / ${secs:-1}")
     extra "W6 expiry rate (expire_due(10000) loop, $W6_USERS users x 10 lots)" "$(fmt "$rate") lots/s" \
-        ">=100000 lots/s" "$(verdict_ge "$rate" 100000)" "${n:-0} lots in ${secs:-?} s"
+        ">=100000 lots/s" "$(verdict_ge "$rate" 100000)" \
+        "${n:-0} lots in ${secs:-?} s; WAL $(calc "$(wal_bytes "$l0" "$l1") / 1048576") MB, $(calc "$(wal_bytes "$l0" "$l1") / ${n:-1}") bytes a lot (the probe's earns included)"
     p99i=$(kv p99_ms "$OUT/runs/probe-w6-idle.txt")
     p99d=$(kv p99_ms "$OUT/runs/probe-w6-during.txt")
     extra "W6 earn p99 of other users during expiry / idle" "${p99d} / ${p99i} ms" "<=2x idle" \
@@ -494,7 +520,7 @@ q1() {
 
 # ---- Q2: the campaign (issue 8) -------------------------------------------------
 q2() {
-    local stmt t0 tq tc te apply rate sum1 sum2 n2 p99i p99d stop=$OUT/runs/q2.stop
+    local stmt t0 tq tc te apply rate sum1 sum2 n2 p99i p99d l0 l1 l2 stop=$OUT/runs/q2.stop
     stmt="SELECT count(points.earn_async(u, 100, idempotency_key => 'campaign-1')) FROM generate_series(1, $CAMPAIGN) u"
     wait_until 120 "$queue_empty" >/dev/null
     quiesce
@@ -503,15 +529,18 @@ q2() {
     log "Q2: campaign of $CAMPAIGN earn_async"
     rm -f "$stop"
     t0=$(db_now)
+    l0=$(lsn)
     q -c "$stmt" >/dev/null || return 1
+    l1=$(lsn)
     tc=$(db_now)
     probe_load q2-during "$stop" &
     te=$(wait_until "$Q2_WAIT" "$queue_empty")
+    l2=$(lsn)
     touch "$stop"
     wait
     tq=$(calc "$tc - $t0")
     extra "Q2 campaign: time to queue $CAMPAIGN requests (one statement)" "${tq} s" "-" report \
-        "$(fmt "$(calc "$CAMPAIGN / $tq")") requests/s"
+        "$(fmt "$(calc "$CAMPAIGN / $tq")") requests/s; WAL $(calc "$(wal_bytes "$l0" "$l1") / 1048576") MB to queue, $(calc "$(wal_bytes "$l1" "$l2") / 1048576") MB to apply ($(calc "$(wal_bytes "$l0" "$l2") / $CAMPAIGN") bytes an earn in all, the probe's earns included)"
     if [[ $te == timeout ]]; then
         extra "Q2 campaign: apply rate" "not done in $Q2_WAIT s" ">=50000/s" MISS \
             "$(q -c "SELECT count(*) FROM points.request WHERE state = 'queued'") of $CAMPAIGN still queued: < $(fmt "$(calc "$CAMPAIGN / $Q2_WAIT")")/s"
