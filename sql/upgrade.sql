@@ -198,3 +198,21 @@ SELECT count(*) > 50 AS compared FROM fresh;
 -- and the fresh one works
 SELECT user_seq, amount, balance_after FROM points.earn(1, 10);
 SELECT * FROM points.verify();
+
+-- the extension made again in a transaction that rolls back, and its schema
+-- renamed in one: the relations a session found by name before are not
+-- used after such a change (its cache is emptied), and again after the
+-- rollback
+SELECT user_seq FROM points.use(1, 3);
+BEGIN;
+DROP EXTENSION points;
+CREATE EXTENSION points;
+SELECT user_seq, amount FROM points.earn(1, 11);
+ROLLBACK;
+SELECT user_seq, amount FROM points.earn(1, 12);
+BEGIN;
+ALTER SCHEMA points RENAME TO points_renamed;
+SELECT points_renamed.earn(1, 1);
+ROLLBACK;
+SELECT user_seq, amount FROM points.earn(1, 13);
+SELECT * FROM points.verify();
