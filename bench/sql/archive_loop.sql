@@ -1,6 +1,7 @@
 -- W7: run points.archive(batch) as the worker does (each batch its own
--- transaction, then a rest as long as the batch took) until it finds
--- nothing or bench.max_s seconds have passed.
+-- transaction, then a rest of bench.rest times as long as the batch took:
+-- the worker rests twice as long) until it finds nothing or bench.max_s
+-- seconds have passed.
 \set ON_ERROR_STOP on
 DO $$
 DECLARE
