@@ -397,7 +397,7 @@ w5() {
 
 # ---- W6: expiry of 1,000,000 due lots ---------------------------------------
 w6() {
-    local lots=$((W6_USERS * 10)) stop=$OUT/runs/w6.stop out secs rate p99i p99d l0 l1
+    local lots=$((W6_USERS * 10)) stop=$OUT/runs/w6.stop out secs rate p99i p99d l0 l1 wal
     log "W6: loading $lots due lots ($W6_USERS users x 10)"
     q -v ubase=$W6_BASE -v nu=$W6_USERS -v k=10 -v amount=10 -v created="now() - interval '2 days'" \
         -v expires="now() - interval '1 hour' + s * interval '1 second'" -v reason="bench w6" \
@@ -416,9 +416,10 @@ w6() {
     echo "$out" >&2
     read -r n secs <<<"$(echo "$out" | sed -n 's/.*expired \([0-9]*\) lots in [0-9]* calls, \([0-9.]*\) s.*/\1 \2/p')"
     rate=$(calc "${n:-0} / ${secs:-1}")
+    wal=$(wal_bytes "$l0" "$l1")
     extra "W6 expiry rate (expire_due(10000) loop, $W6_USERS users x 10 lots)" "$(fmt "$rate") lots/s" \
         ">=100000 lots/s" "$(verdict_ge "$rate" 100000)" \
-        "${n:-0} lots in ${secs:-?} s; WAL $(calc "$(wal_bytes "$l0" "$l1") / 1048576") MB, $(calc "$(wal_bytes "$l0" "$l1") / ${n:-1}") bytes a lot (the probe's earns included)"
+        "${n:-0} lots in ${secs:-?} s; WAL $(calc "$wal / 1048576") MB, $(calc "$wal / ${n:-1}") bytes a lot (the probe's earns included)"
     p99i=$(kv p99_ms "$OUT/runs/probe-w6-idle.txt")
     p99d=$(kv p99_ms "$OUT/runs/probe-w6-during.txt")
     extra "W6 earn p99 of other users during expiry / idle" "${p99d} / ${p99i} ms" "<=2x idle" \
@@ -524,7 +525,7 @@ q1() {
 
 # ---- Q2: the campaign (issue 8) -------------------------------------------------
 q2() {
-    local stmt t0 tq tc te apply rate sum1 sum2 n2 p99i p99d l0 l1 l2 stop=$OUT/runs/q2.stop
+    local stmt t0 tq tc te apply rate sum1 sum2 n2 p99i p99d l0 l1 l2 wq wa stop=$OUT/runs/q2.stop
     stmt="SELECT count(points.earn_async(u, 100, idempotency_key => 'campaign-1')) FROM generate_series(1, $CAMPAIGN) u"
     wait_until 120 "$queue_empty" >/dev/null
     quiesce
@@ -543,8 +544,10 @@ q2() {
     touch "$stop"
     wait
     tq=$(calc "$tc - $t0")
+    wq=$(wal_bytes "$l0" "$l1")
+    wa=$(wal_bytes "$l1" "$l2")
     extra "Q2 campaign: time to queue $CAMPAIGN requests (one statement)" "${tq} s" "-" report \
-        "$(fmt "$(calc "$CAMPAIGN / $tq")") requests/s; WAL $(calc "$(wal_bytes "$l0" "$l1") / 1048576") MB to queue, $(calc "$(wal_bytes "$l1" "$l2") / 1048576") MB to apply ($(calc "$(wal_bytes "$l0" "$l2") / $CAMPAIGN") bytes an earn in all, the probe's earns included)"
+        "$(fmt "$(calc "$CAMPAIGN / $tq")") requests/s; WAL $(calc "$wq / 1048576") MB to queue, $(calc "$wa / 1048576") MB to apply ($(calc "($wq + $wa) / $CAMPAIGN") bytes an earn in all, the probe's earns included)"
     if [[ $te == timeout ]]; then
         extra "Q2 campaign: apply rate" "not done in $Q2_WAIT s" ">=50000/s" MISS \
             "$(q -c "SELECT count(*) FROM points.request WHERE state = 'queued'") of $CAMPAIGN still queued: < $(fmt "$(calc "$CAMPAIGN / $Q2_WAIT")")/s"

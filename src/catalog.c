@@ -100,6 +100,7 @@ Lookup(const char *name, CachedRel **entry)
 {
 	CachedRel  *c = Find(name);
 	uint64		before = generation;
+	Oid			nsp;
 	Oid			relid;
 
 	*entry = c;
@@ -111,13 +112,14 @@ Lookup(const char *name, CachedRel **entry)
 		CacheRegisterSyscacheCallback(NAMESPACEOID, NamespaceChanged, (Datum) 0);
 		callbacks = true;
 	}
-	if (!OidIsValid(schema))
-		schema = get_namespace_oid("points", false);
-	relid = get_relname_relid(name, schema);
+	nsp = OidIsValid(schema) ? schema : get_namespace_oid("points", false);
+	relid = get_relname_relid(name, nsp);
 	/* kept only if no invalidation came meanwhile (a catalog read on a
-	 * cache miss takes them): the answer may predate it */
-	if (OidIsValid(relid) && generation == before && OidIsValid(schema) &&
-		ncached < CACHED_MAX && strlen(name) < NAMEDATALEN)
+	 * cache miss takes them): the answers may predate it */
+	if (generation != before)
+		return relid;
+	schema = nsp;
+	if (OidIsValid(relid) && ncached < CACHED_MAX && strlen(name) < NAMEDATALEN)
 	{
 		c = &cached[ncached++];
 		strlcpy(c->name, name, NAMEDATALEN);
